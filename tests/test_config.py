@@ -1,0 +1,68 @@
+"""Config composition and the CLI's override errors (no model, no data)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from rrr.cli import app
+from rrr.config import ConfigError, compose, group_options
+
+runner = CliRunner()
+
+
+def test_defaults_compose_and_prompts_follow_task():
+    cfg = compose([])
+    assert cfg.task.name == "function_calling"
+    cfg = compose(["task=countdown", "train.lr=1e-6"])
+    assert cfg.task.name == "countdown" and cfg.train.lr == 1e-6
+    # the prompt group follows the task unless overridden
+    assert cfg.prompts == compose(["task=countdown", "prompts=countdown"]).prompts
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'; valid keys under 'train':"),
+    (["nonsense=1"], "unknown config key 'nonsense'"),
+    (["task=foo"], "unknown task option 'foo'; valid choices: countdown, function_calling"),
+    (["model=gpt5"], "unknown model option 'gpt5'; valid choices:"),
+    (["train.lr=fast"], "train.lr='fast' has type str, but train.lr expects float"),
+    (["train.steps=1.5"], "train.steps=1.5 has type float, but train.steps expects int"),
+    (["train.steps=true"], "expects int"),
+    (["train.lr"], "is not key=value"),
+])
+def test_bad_overrides_fail_with_one_clear_message(override, needle):
+    with pytest.raises(ConfigError) as e:
+        compose(override)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_int_accepted_for_float_and_null_defaults_take_anything():
+    cfg = compose(["train.lr=1", "data.limit=5", "run_dir=/tmp/x"])
+    assert cfg.train.lr == 1 and cfg.data.limit == 5
+
+
+def test_every_group_option_composes():
+    for group in ("task", "model", "engine", "prompts", "train", "eval", "logger", "collect"):
+        for option in group_options(group):
+            compose([f"{group}={option}"])
+
+
+@pytest.mark.parametrize("cmd", ["collect-failures", "train", "evaluate", "verify"])
+def test_cli_cfg_prints_resolved_config(cmd):
+    res = runner.invoke(app, [cmd, "--cfg", "task=countdown", "train.lr=1e-6"])
+    assert res.exit_code == 0, res.output
+    assert "name: countdown" in res.output and "lr: 1.0e-06" in res.output
+
+
+def test_cli_bad_override_exits_2_before_any_work():
+    res = runner.invoke(app, ["train", "task=countdown", "train.lrr=1"])
+    assert res.exit_code == 2
+    assert "unknown config key 'train.lrr'" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_lists_commands():
+    res = runner.invoke(app, ["--help"])
+    for cmd in ("collect-failures", "train", "evaluate", "compare", "verify"):
+        assert cmd in res.output
