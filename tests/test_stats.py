@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from rrr import stats
+from rrr.stats import bootstrap_ci, distinct_ngram_ratio, paired_bootstrap_diff
+
+
+def test_all_ones_and_all_zeros_have_degenerate_intervals():
+    assert bootstrap_ci(np.ones(50, dtype=bool)) == (1.0, 1.0, 1.0)
+    assert bootstrap_ci([False] * 7) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_diff([1, 1, 0], [1, 1, 0]) == (0.0, 0.0, 0.0)
+
+
+def test_ci_contains_mean_and_is_within_bounds():
+    rng = np.random.default_rng(1)
+    x = rng.random(300) < 0.3
+    mean, lo, hi = bootstrap_ci(x)
+    assert mean == pytest.approx(x.mean())
+    assert 0.0 <= lo < mean < hi <= 1.0
+    # a binomial 95% CI half-width is about 1.96 * sqrt(p(1-p)/n)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * np.sqrt(x.mean() * (1 - x.mean()) / x.size), rel=0.15)
+
+
+def test_ci_shrinks_with_n():
+    rng = np.random.default_rng(2)
+    widths = []
+    for n in (50, 500, 5000):
+        _, lo, hi = bootstrap_ci(rng.random(n) < 0.5)
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_deterministic_under_seed_and_seed_matters():
+    x = np.random.default_rng(3).random(100)  # continuous, so quantiles differ between seeds
+    assert bootstrap_ci(x, seed=7) == bootstrap_ci(x, seed=7)
+    assert bootstrap_ci(x, seed=7)[1:] != bootstrap_ci(x, seed=8)[1:]
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    x = np.random.default_rng(4).random(100) < 0.4
+    whole = bootstrap_ci(x, n_boot=500)
+    monkeypatch.setattr(stats, "MAX_INDEX_CELLS", 100 * 7)  # 7 resamples per chunk
+    assert bootstrap_ci(x, n_boot=500) == whole
+
+
+def test_paired_ci_is_narrower_than_unpaired_for_correlated_outcomes():
+    rng = np.random.default_rng(5)
+    n = 400
+    vanilla = rng.random(n) < 0.4
+    # trained solves what vanilla solves, plus some more: strongly correlated per example
+    trained = vanilla | (rng.random(n) < 0.15)
+    diff, lo, hi = paired_bootstrap_diff(trained, vanilla)
+    assert diff == pytest.approx(trained.mean() - vanilla.mean())
+    assert 0 < lo < diff < hi
+    boot_t = _resampled_means(trained, seed=1)
+    boot_v = _resampled_means(vanilla, seed=2)
+    unpaired_lo, unpaired_hi = np.quantile(boot_t - boot_v, [0.025, 0.975])
+    assert (hi - lo) < 0.6 * (unpaired_hi - unpaired_lo)
+
+
+def _resampled_means(x, seed, n_boot=2000):
+    rng = np.random.default_rng(seed)
+    return np.asarray(x, float)[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+
+
+def test_paired_diff_sign_follows_argument_order():
+    a, b = [1, 1, 1, 0], [0, 0, 1, 0]
+    assert paired_bootstrap_diff(a, b)[0] == pytest.approx(0.5)
+    assert paired_bootstrap_diff(b, a)[0] == pytest.approx(-0.5)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_ci([1.0, np.nan])
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap_diff([1, 0], [1, 0, 1])
+
+
+def test_distinct_ngram_ratio():
+    assert distinct_ngram_ratio("a b c d e") == 1.0
+    # "a b a b a b": trigrams aba, bab, aba, bab -> 2 distinct of 4
+    assert distinct_ngram_ratio("a b a b a b") == pytest.approx(0.5)
+    assert distinct_ngram_ratio([5, 5, 5, 5, 5, 5]) == pytest.approx(1 / 4)
+    assert distinct_ngram_ratio(np.array([1, 2, 1, 2]), n=2) == pytest.approx(2 / 3)
+    assert distinct_ngram_ratio("too short") == 1.0
