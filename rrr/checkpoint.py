@@ -1,0 +1,144 @@
+"""Atomic training checkpoints and resume.
+
+A checkpoint is a directory `checkpoints/step_NNNNN/` (or `checkpoints/final/`) that is itself a Hugging
+Face model directory (the LoRA adapter or the full model, + tokenizer), so `model.path=<ckpt>` and plain
+transformers/peft load it, plus what decides the rest of the run:
+
+    state.json          step, data cursor, wandb run id (human-readable)
+    trainer_state.pt    optimizer, LR scheduler, every RNG (python, numpy, torch, cuda)
+    COMPLETE            written last; a directory without it is ignored
+
+It is written into a temp directory next to its final place and renamed only when complete, so a run
+killed at any moment (SIGKILL included) never leaves a half-written checkpoint where resume looks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rrr.config import UserError
+from rrr.runs import atomic_dir
+
+COMPLETE = "COMPLETE"
+STATE_JSON = "state.json"
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Resume:
+    """What a checkpoint hands back to the trainer (the weights are loaded in place)."""
+    path: Path
+    step: int
+    cursor: dict[str, Any]
+    wandb_run_id: str | None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:05d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimizer, scheduler,
+                    step: int, cursor: dict[str, Any], wandb_run_id: str | None) -> Path:
+    """Write `run_dir/checkpoints/<name>/` atomically; return its path."""
+    final = Path(run_dir) / "checkpoints" / name
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)           # adapter only for a PeftModel, the full model otherwise
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng_state()}, tmp / TRAINER_STATE)
+        (tmp / STATE_JSON).write_text(json.dumps(
+            {"step": step, "cursor": cursor, "wandb_run_id": wandb_run_id}, indent=2) + "\n")
+        (tmp / COMPLETE).write_text(f"{step}\n")     # last: its presence means everything above is there
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (path / COMPLETE).is_file()
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / STATE_JSON).read_text())["step"])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step (`final` wins a tie); temp and partial dirs are skipped."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if is_complete(p) and (_STEP_DIR.match(p.name) or p.name == "final")]
+    if not done:
+        return None
+    return max(done, key=lambda p: (checkpoint_step(p), p.name == "final"))
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Resume:
+    """Load adapter/model weights, optimizer, scheduler and RNG state from `path` in place."""
+    if not is_complete(path):
+        raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); delete it and resume again")
+    _load_weights(model, path)
+    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    state = json.loads((path / STATE_JSON).read_text())
+    return Resume(path=path, step=int(state["step"]), cursor=state["cursor"],
+                  wandb_run_id=state.get("wandb_run_id"))
+
+
+def _load_weights(model, path: Path) -> None:
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path), device="cpu"))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise UserError(f"adapter in {path} does not match the model (missing {missing[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]}); resume with the same model= and LoRA config")
+        return
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"no model weights in checkpoint {path}; delete it and resume again")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied weights (e.g. lm_head = embed_tokens) are saved once; anything else missing is a mismatch
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise UserError(f"weights in {path} do not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); resume with the same model=")
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(tied, dict):
+        tied = list(tied.keys())
+    return set(tied)
