@@ -1,0 +1,409 @@
+"""`rrr compare RUN_DIR... [--out DIR]`: the paper-style table from evaluate runs, with bootstrap CIs.
+
+Every number is recomputed from each run's `results.parquet` (one row per example), so all runs get the
+same CI method and seed. Runs must cover the same task, split and examples: that makes every
+difference *paired* (trained − vanilla on the same examples; 2nd try − a control within one run), and a
+paired bootstrap gives a much tighter CI than comparing two independent intervals.
+
+Writes `report.md`, `table.csv`, `deltas.csv`, `accuracy.png` and, when the evaluate runs point to
+train runs with `metrics.jsonl`, `train_reward.png` and `reflection_length.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from rrr.config import UserError
+from rrr.runs import atomic_write_json, atomic_write_text, git_sha, read_metrics
+from rrr.stats import bootstrap_ci, paired_bootstrap_diff
+
+# metric key -> (column in results.parquet, column title in the report)
+METRICS: dict[str, tuple[str, str]] = {
+    "first_try": ("attempt1_correct", "1st try"),
+    "second_try": ("second_try_correct", "2nd try"),
+    "best_of_2": ("best_of_2_correct", "best-of-2"),
+    "retry_no_reflection": ("retry_no_reflection_correct", "retry, no reflection"),
+    "generic_reflection": ("generic_reflection_correct", "generic reflection"),
+}
+CONTROLS = ("best_of_2", "retry_no_reflection", "generic_reflection")
+REFLECTION_STATS = {"tokens_mean": "tokens mean", "tokens_p50": "p50", "tokens_p95": "p95",
+                    "truncated_share": "truncated", "distinct_3gram_ratio": "distinct 3-grams"}
+LABEL_ORDER = {"vanilla": 0, "trained": 1}
+
+
+@dataclass
+class EvalRun:
+    path: Path
+    model: str
+    label: str                       # "vanilla" | "trained"
+    task: str
+    split: str
+    examples_sha256: str | None
+    outcomes: pd.DataFrame           # index example_id; one bool column per metric key the run has
+    reflection: dict[str, Any]       # summary.json["reflection"]
+    train_run: Path | None           # where metrics.jsonl lives (None if vanilla or not found)
+    train_note: str = ""             # why there are no training curves, if the manifest named a run
+    name: str = ""                   # row label in tables and plots, unique across the comparison
+
+
+# ---------------------------------------------------------------- reading runs
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _read_outcomes(path: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    if "example_id" not in present:
+        raise UserError(f"{path} has no example_id column; re-run `rrr evaluate` to rewrite it")
+    keep = {key: col for key, (col, _) in METRICS.items() if col in present}
+    df = pd.read_parquet(path, columns=["example_id", *keep.values()])
+    if df["example_id"].duplicated().any():
+        raise UserError(f"{path} lists some example_id twice; re-run `rrr evaluate` to rewrite it")
+    df = df.set_index(df["example_id"].astype(str)).drop(columns="example_id")
+    df = df.rename(columns={col: key for key, col in keep.items()})
+    # a control that was not run is an all-missing column; otherwise missing means "not solved"
+    df = df.loc[:, df.notna().any()]
+    return df.fillna(False).astype(bool)
+
+
+def _find_train_run(run: Path, recorded: str | None) -> tuple[Path | None, str]:
+    if not recorded:
+        return None, ""
+    for candidate in (Path(recorded), run / recorded):
+        if (candidate / "metrics.jsonl").exists():
+            return candidate, ""
+    return None, f"train run {recorded} (named by {run}) has no metrics.jsonl here; no training curves"
+
+
+def load_run(path: Path) -> EvalRun:
+    """Read one evaluate run directory (config.yaml, manifest.json, results.parquet, summary.json)."""
+    path = Path(path)
+    if not (path / "results.parquet").exists():
+        raise UserError(f"{path} is not an evaluate run (no results.parquet); "
+                        "pass directories written by `rrr evaluate`")
+    manifest = _read_json(path / "manifest.json")
+    if manifest.get("command", "evaluate") != "evaluate":
+        raise UserError(f"{path} is a `{manifest['command']}` run; `rrr compare` takes evaluate runs")
+    cfg = OmegaConf.load(path / "config.yaml") if (path / "config.yaml").exists() else OmegaConf.create()
+    summary = _read_json(path / "summary.json")
+
+    def pick(key: str, summary_key: str) -> str:
+        value = OmegaConf.select(cfg, key, default=None) or summary.get(summary_key)
+        if value is None:
+            raise UserError(f"{path}: cannot tell the {key} (config.yaml lacks it); re-run `rrr evaluate`")
+        return str(value)
+
+    recorded_train = manifest.get("train_run")
+    label = manifest.get("model_label") or summary.get("label") or ("trained" if recorded_train else "vanilla")
+    train_run, note = _find_train_run(path, recorded_train)
+    return EvalRun(path=path, model=pick("model.name", "model"), label=str(label),
+                   task=pick("task.name", "task"), split=pick("eval.split", "split"),
+                   examples_sha256=manifest.get("examples_sha256"),
+                   outcomes=_read_outcomes(path / "results.parquet"),
+                   reflection=summary.get("reflection") or {}, train_run=train_run, train_note=note)
+
+
+# ---------------------------------------------------------------- comparability
+
+def _example_difference(ref: EvalRun, other: EvalRun) -> str | None:
+    a, b = set(ref.outcomes.index), set(other.outcomes.index)
+    same_hash = ref.examples_sha256 is None or other.examples_sha256 is None \
+        or ref.examples_sha256 == other.examples_sha256
+    if a == b and same_hash:
+        return None
+    only_a, only_b = sorted(a - b), sorted(b - a)
+    detail = (f"{len(a)} vs {len(b)} examples, {len(only_a)} only in the first "
+              f"(e.g. {', '.join(only_a[:3]) or '-'}), {len(only_b)} only in the second "
+              f"(e.g. {', '.join(only_b[:3]) or '-'})")
+    if a == b:
+        detail = f"examples_sha256 {ref.examples_sha256[:12]}… vs {other.examples_sha256[:12]}…"
+    return f"different example sets ({detail})"
+
+
+def check_comparable(runs: list[EvalRun]) -> None:
+    """Refuse runs that do not share task, split and examples; the message names both runs."""
+    ref = runs[0]
+    for other in runs[1:]:
+        for field in ("task", "split"):
+            if getattr(ref, field) != getattr(other, field):
+                raise UserError(f"runs are not comparable: {ref.path} has {field} {getattr(ref, field)!r} but "
+                                f"{other.path} has {getattr(other, field)!r}; compare runs of one {field}")
+        diff = _example_difference(ref, other)
+        if diff:
+            raise UserError(f"runs are not comparable: {ref.path} and {other.path} have {diff}; "
+                            "evaluate both with the same task, split, eval.limit and seed")
+
+
+def _name_runs(runs: list[EvalRun]) -> list[EvalRun]:
+    """Order rows model by model (in the order given), vanilla before trained; make names unique."""
+    first_seen = {m: i for i, m in reversed(list(enumerate(r.model for r in runs)))}
+    runs = sorted(runs, key=lambda r: (first_seen[r.model], LABEL_ORDER.get(r.label, 2)))
+    counts = pd.Series([(r.model, r.label) for r in runs]).value_counts()
+    for r in runs:
+        r.name = f"{r.model} {r.label}"
+        if counts[(r.model, r.label)] > 1:
+            r.name += f" ({r.path.name})"
+    return runs
+
+
+# ---------------------------------------------------------------- statistics
+
+def accuracy_table(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
+    """One row per run: n and, per metric, acc/lo/hi (NaN where the run lacks that control)."""
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"run": r.name, "model": r.model, "label": r.label, "n": len(r.outcomes)}
+        for key in METRICS:
+            acc, lo, hi = bootstrap_ci(r.outcomes[key], n_boot) if key in r.outcomes else (np.nan,) * 3
+            row.update({key: acc, f"{key}_lo": lo, f"{key}_hi": hi})
+        row["fixed_by_reflection"] = _fixed_share(r.outcomes)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fixed_share(outcomes: pd.DataFrame) -> float:
+    """Share of attempt-1 failures solved by the retry after a reflection."""
+    failed = ~outcomes["first_try"] if "first_try" in outcomes else pd.Series(dtype=bool)
+    if "second_try" not in outcomes or not failed.any():
+        return float("nan")
+    return float(outcomes.loc[failed, "second_try"].mean())
+
+
+def _paired_diffs(a: pd.DataFrame, b: pd.DataFrame, pairs: dict[str, tuple[str, str]],
+                  n_boot: int) -> dict[str, float]:
+    """For each named pair (metric in a, metric in b): the paired difference and its CI."""
+    row: dict[str, float] = {}
+    for col, (ka, kb) in pairs.items():
+        have = ka in a and kb in b
+        d, lo, hi = paired_bootstrap_diff(a[ka].to_numpy(), b[kb].to_numpy(), n_boot) if have else (np.nan,) * 3
+        row.update({col: d, f"{col}_lo": lo, f"{col}_hi": hi})
+    return row
+
+
+def trained_vs_vanilla(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
+    """Per model, trained − vanilla for every metric, paired over the same examples."""
+    rows = []
+    for t in (r for r in runs if r.label == "trained"):
+        for v in (r for r in runs if r.label == "vanilla" and r.model == t.model):
+            rows.append({"comparison": "trained - vanilla", "model": t.model, "run_a": t.name, "run_b": v.name,
+                         **_paired_diffs(t.outcomes, v.outcomes, {k: (k, k) for k in METRICS}, n_boot)})
+    return pd.DataFrame(rows)
+
+
+def reflection_gaps(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
+    """Per run, 2nd try − each control: does a reflection beat a second sample / a bare retry?"""
+    pairs = {c: ("second_try", c) for c in CONTROLS}
+    return pd.DataFrame([{"comparison": "2nd try - control", "model": r.model, "run_a": r.name, "run_b": r.name,
+                          **_paired_diffs(r.outcomes, r.outcomes, pairs, n_boot)} for r in runs])
+
+
+# ---------------------------------------------------------------- formatting
+
+def _pct(acc: float, lo: float, hi: float) -> str:
+    return "—" if np.isnan(acc) else f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _pp(d: float, lo: float, hi: float) -> str:
+    return "—" if np.isnan(d) else f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def accuracy_markdown(acc: pd.DataFrame) -> str:
+    header = ["model", "label", "n"] + [title for _, title in METRICS.values()] + ["failures fixed (%)"]
+    rows = [[row.model, row.label, str(row.n)]
+            + [_pct(row[k], row[f"{k}_lo"], row[f"{k}_hi"]) for k in METRICS]
+            + ["—" if np.isnan(row.fixed_by_reflection) else f"{100 * row.fixed_by_reflection:.1f}"]
+            for _, row in acc.iterrows()]
+    return _md_table(header, rows)
+
+
+def _delta_markdown(df: pd.DataFrame, first_col: str, keys: list[str], titles: list[str]) -> str:
+    rows = [[row[first_col]] + [_pp(row[k], row[f"{k}_lo"], row[f"{k}_hi"]) for k in keys]
+            for _, row in df.iterrows()]
+    return _md_table([first_col] + titles, rows)
+
+
+def reflection_markdown(runs: list[EvalRun]) -> str:
+    def fmt(key: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "—"
+        return f"{100 * v:.1f}%" if key in ("truncated_share",) else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    rows = [[r.name] + [fmt(k, r.reflection.get(k)) for k in REFLECTION_STATS] for r in runs]
+    return _md_table(["run", *REFLECTION_STATS.values()], rows)
+
+
+# ---------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLORS = {"first_try": "#9aa5b1", "second_try": "#1f5fa8", "best_of_2": "#e08a2c",
+          "retry_no_reflection": "#c4a35a", "generic_reflection": "#6aa86a"}
+
+
+def plot_accuracy(acc: pd.DataFrame, title: str, path: Path) -> None:
+    """Grouped bars: one group per run, one bar per metric, 95% CI whiskers."""
+    plt = _pyplot()
+    keys = [k for k in METRICS if acc[k].notna().any()]
+    width = 0.8 / len(keys)
+    x = np.arange(len(acc))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 1.3 * len(acc) * len(keys) / 3), 4.5))
+    for i, key in enumerate(keys):
+        vals = 100 * acc[key].to_numpy()
+        err = 100 * np.vstack([acc[key] - acc[f"{key}_lo"], acc[f"{key}_hi"] - acc[key]])
+        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=err, capsize=2, color=COLORS[key],
+               label=METRICS[key][1], error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
+    ax.set_xticks(x, [f"{m}\n{lab}" for m, lab in zip(acc.model, acc.label)], fontsize=9)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, min(100.0, 100 * float(np.nanmax(acc[[f"{k}_hi" for k in keys]].to_numpy())) * 1.15 + 2))
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, ncol=len(keys), loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _smooth(y: pd.Series) -> pd.Series:
+    return y.rolling(max(1, len(y) // 20), min_periods=1).mean()
+
+
+def plot_training(curves: dict[str, pd.DataFrame], column: str, ylabel: str, path: Path) -> bool:
+    """One line per train run (raw, faint, and a rolling mean); False and no file if no run logged it."""
+    curves = {name: df for name, df in curves.items() if column in df and df[column].notna().any()}
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, df) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(df["step"], df[column], color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(df["step"], _smooth(df[column]), color=color, linewidth=1.8, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel}: per step (faint) and rolling mean", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _training_curves(runs: list[EvalRun]) -> dict[str, pd.DataFrame]:
+    """metrics.jsonl of each distinct train run, keyed by the name of the first run trained there."""
+    curves: dict[str, pd.DataFrame] = {}
+    seen: set[Path] = set()
+    for r in runs:
+        if r.train_run is None or r.train_run.resolve() in seen:
+            continue
+        seen.add(r.train_run.resolve())
+        df = read_metrics(r.train_run)
+        if "step" in df:
+            curves[r.name] = df[df["step"].notna()].sort_values("step")
+    return curves
+
+
+# ---------------------------------------------------------------- report
+
+def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, gaps: pd.DataFrame,
+                  plots: list[str], n_boot: int) -> str:
+    ref = runs[0]
+    parts = [
+        f"# R3 comparison: {ref.task} ({ref.split} split, {len(ref.outcomes)} examples)",
+        "",
+        f"Accuracy in %, with 95% percentile-bootstrap CIs ({n_boot} resamples over examples). "
+        "2nd try = solved at attempt 1, or at attempt 2 after a self-reflection. Controls give the same "
+        "failures a second chance without the model's reflection: best-of-2 = a second independent "
+        "attempt; retry, no reflection = the retry prompt alone; generic reflection = a fixed, "
+        "task-agnostic reflection. Failures fixed = share of attempt-1 failures solved at attempt 2.",
+        "",
+        accuracy_markdown(acc),
+        "",
+    ]
+    if len(deltas):
+        keys = list(METRICS)
+        parts += ["## Trained − vanilla (percentage points, paired bootstrap over the same examples)", "",
+                  _delta_markdown(deltas, "model", keys, [t for _, t in METRICS.values()]), ""]
+    parts += ["## Does the reflection help? 2nd try − control, per run (pp, paired)", "",
+              "Positive: the model's own reflection beats the control's second chance.", "",
+              _delta_markdown(gaps, "run_a", list(CONTROLS), [f"2nd try − {METRICS[c][1]}" for c in CONTROLS])
+              .replace("| run_a |", "| run |", 1), "",
+              "## Reflections (tokens; from each run's summary.json)", "", reflection_markdown(runs), ""]
+    if plots:
+        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    notes = [r.train_note for r in runs if r.train_note]
+    parts += ["## Runs", ""] + [f"- `{r.path}`: {r.name}" + (f", trained in `{r.train_run}`" if r.train_run else "")
+                                for r in runs] + [f"- note: {n}" for n in notes] + [""]
+    return "\n".join(parts)
+
+
+def _default_out() -> Path:
+    base = Path("outputs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Path:
+    """Compare evaluate runs; write report.md, table.csv, deltas.csv and plots into `out`; return it."""
+    if not run_dirs:
+        raise UserError("give at least one evaluate run directory: rrr compare RUN_DIR [RUN_DIR...]")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    check_comparable(runs)
+    runs = _name_runs(runs)
+    ids = sorted(runs[0].outcomes.index)
+    for r in runs:  # align rows so that index i is the same example in every run
+        r.outcomes = r.outcomes.loc[ids]
+
+    acc = accuracy_table(runs, n_boot)
+    deltas = trained_vs_vanilla(runs, n_boot)
+    gaps = reflection_gaps(runs, n_boot)
+
+    out = Path(out) if out else _default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    plots = ["accuracy.png"]
+    plot_accuracy(acc, f"{runs[0].task}, {runs[0].split} split, n={len(ids)}: accuracy with 95% bootstrap CIs",
+                  out / "accuracy.png")
+    curves = _training_curves(runs)
+    if plot_training(curves, "reward_mean", "retry success rate (reward mean)", out / "train_reward.png"):
+        plots.append("train_reward.png")
+    if plot_training(curves, "reflection_len_mean", "reflection length (tokens)", out / "reflection_length.png"):
+        plots.append("reflection_length.png")
+
+    report = render_report(runs, acc, deltas, gaps, plots, n_boot)
+    atomic_write_text(out / "report.md", report)
+    atomic_write_text(out / "table.csv", acc.to_csv(index=False))
+    atomic_write_text(out / "deltas.csv", pd.concat([deltas, gaps], ignore_index=True).to_csv(index=False))
+    atomic_write_json(out / "manifest.json", {"command": "compare", "runs": [str(r.path) for r in runs],
+                                              "git_sha": git_sha(), "n_boot": n_boot})
+    print(accuracy_markdown(acc))
+    if len(deltas):
+        print()
+        print(_delta_markdown(deltas, "model", ["first_try", "second_try"], ["Δ 1st try (pp)", "Δ 2nd try (pp)"]))
+    print(f"\nreport: {out / 'report.md'}")
+    return out
