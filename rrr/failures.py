@@ -1,0 +1,280 @@
+"""`rrr collect-failures`: the paper's "dataset of failures" (paper.md §1.4).
+
+Sample every training query k times (paper: up to 64), verify every sample, and keep the queries the
+model fails at least once, with up to `collect.keep_attempts` failed attempts stored as the exact sampled
+token ids (the trainer replays attempt 1 token-in/token-out). The paper does not say whether "failed"
+means any sample or all of them, so we keep any failure and store the pass rate; `train.min_pass_rate` /
+`train.max_pass_rate` filter further.
+
+Crash safety: queries run in chunks of `collect.batch_queries`; each finished chunk is written atomically
+to `parts/part_NNNNN.parquet` (every query, solved or not, so a resume knows it is done). Re-running with
+`run_dir=...` skips the ids already in `parts/`; `failures.parquet` is rebuilt from the parts at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from rrr.config import UserError
+from rrr.engines.base import SamplingParams
+from rrr.runs import atomic_write_json, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
+from rrr.tasks import Example, get_task
+from rrr.verifiers import VERIFIER_VERSION
+
+COMMAND = "collect-failures"
+SEGMENT = "attempt1"   # collected samples are attempt-1 samples: same seed stream as online attempt 1
+STEP = 0
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def examples_sha256(examples: Sequence[Example]) -> str:
+    """Identity of an example *set*: sha256 of the sorted ids joined by newlines (order-free)."""
+    return hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
+
+
+def data_sha256(examples: Sequence[Example]) -> str:
+    """Identity of the example *content*: ids, sources and fields, in load order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps(e.to_row(), sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
+
+
+def sampling_params(node: DictConfig) -> SamplingParams:
+    return SamplingParams(max_tokens=int(node.max_tokens), temperature=float(node.temperature),
+                          top_p=float(node.top_p))
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What must not change when a collection is resumed (data.limit may grow: that only adds queries)."""
+    return {
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+        "split": cfg.data.split,
+        "seed": int(cfg.seed),
+        "samples_per_query": int(cfg.collect.samples_per_query),
+        "keep_attempts": int(cfg.collect.keep_attempts),
+        "sampling": sampling_params(cfg.collect).__dict__,
+        "verifier_version": VERIFIER_VERSION,
+    }
+
+
+def check_resumable(run: Path, fp: dict[str, Any]) -> None:
+    manifest = run / "manifest.json"
+    if not manifest.exists():
+        return
+    old = json.loads(manifest.read_text()).get("resume_fingerprint")
+    if old is not None and old != fp:
+        changed = sorted(k for k in fp if old.get(k) != fp[k])
+        raise UserError(f"{run} was run with different settings ({', '.join(changed)}); "
+                        "use the same overrides to continue it, or drop run_dir=... to start a new run")
+
+
+# ----------------------------------------------------------------------------- one query's row
+
+def query_row(example: Example, attempts: Sequence[Any], prompt_token_ids: Sequence[int],
+              keep: int) -> dict[str, Any]:
+    """One row per query: counts, pass rate, and the first `keep` failed attempts (sample order)."""
+    failed = [a for a in attempts if not a.verdict.correct][:keep]
+    n, n_correct = len(attempts), sum(bool(a.verdict.correct) for a in attempts)
+    return {
+        **example.to_row(),
+        "n_samples": n,
+        "n_correct": n_correct,
+        "pass_rate": n_correct / n if n else 0.0,
+        "failed_texts": [a.text for a in failed],
+        "failed_token_ids": [list(map(int, a.sample.token_ids)) for a in failed],
+        "failed_reasons": [a.verdict.reason for a in failed],
+        "failed_truncated": [bool(a.sample.truncated) for a in failed],
+        "prompt_token_ids": list(map(int, prompt_token_ids)),
+    }
+
+
+def summarize(df: pd.DataFrame) -> dict[str, Any]:
+    """pass@1 estimate = mean per-query pass rate (unbiased for one sample at the collect temperature)."""
+    n = len(df)
+    if n == 0:
+        return {"queries": 0, "pass_at_1": None, "never_solved": None, "always_solved": None, "kept": 0,
+                "samples": 0}
+    return {
+        "queries": n,
+        "samples": int(df.n_samples.sum()),
+        "pass_at_1": float(df.pass_rate.mean()),
+        "never_solved": float((df.n_correct == 0).mean()),
+        "always_solved": float((df.n_correct == df.n_samples).mean()),
+        "kept": int((df.n_correct < df.n_samples).sum()),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    if not s["queries"]:
+        return "collect-failures: no queries"
+    return (f"queries {s['queries']}  samples {s['samples']}  pass@1 {s['pass_at_1']:.3f}  "
+            f"never solved {s['never_solved']:.1%}  always solved {s['always_solved']:.1%}  "
+            f"kept (>=1 failure) {s['kept']}")
+
+
+# ----------------------------------------------------------------------------- parts (crash safety)
+
+def part_paths(parts: Path) -> list[Path]:
+    return sorted(parts.glob("part_*.parquet"))
+
+
+def read_parts(parts: Path, key: str = "id") -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in part_paths(parts)]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    # A query is in exactly one part; drop_duplicates only guards against a hand-copied part.
+    return pd.concat(frames, ignore_index=True).drop_duplicates(key, keep="first").reset_index(drop=True)
+
+
+def done_ids(parts: Path, key: str = "id") -> set[str]:
+    df = read_parts(parts, key)
+    return set() if df.empty else set(df[key].astype(str))
+
+
+def write_part(parts: Path, rows: list[dict[str, Any]]) -> Path:
+    path = parts / f"part_{len(part_paths(parts)):05d}.parquet"
+    atomic_write_parquet(path, pd.DataFrame(rows))
+    return path
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def build_generator(cfg: DictConfig) -> tuple[Any, Any]:
+    """(engine, tokenizer) from cfg.model / cfg.engine; tests replace this with a fake."""
+    from rrr.engines import build_engine
+    from rrr.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    return build_engine(cfg, model, tokenizer), tokenizer
+
+
+def model_info(cfg: DictConfig) -> dict[str, Any]:
+    from rrr.models import model_provenance
+
+    return model_provenance(cfg.model)
+
+
+def collect_chunk(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example],
+                  cfg: DictConfig) -> list[dict[str, Any]]:
+    """Sample k attempts per query, verify them (inside rollout), and build one row per query."""
+    from rrr.rollout import prompt_ids, sample_attempts
+
+    c = cfg.collect
+    attempts = sample_attempts(engine, tokenizer, task, list(examples), cfg.prompts, sampling_params(c),
+                               n=int(c.samples_per_query), seed=int(cfg.seed), step=STEP, segment=SEGMENT)
+    return [query_row(ex, atts, prompt_ids(tokenizer, task, ex, cfg.prompts), int(c.keep_attempts))
+            for ex, atts in zip(examples, attempts)]
+
+
+def validate(cfg: DictConfig) -> None:
+    c = cfg.collect
+    if int(c.samples_per_query) < 1:
+        raise UserError("collect.samples_per_query must be >= 1 (paper: up to 64)")
+    if int(c.keep_attempts) < 1:
+        raise UserError("collect.keep_attempts must be >= 1 (the trainer needs a failed attempt per query)")
+    if int(c.batch_queries) < 1:
+        raise UserError("collect.batch_queries must be >= 1")
+
+
+def run(cfg: DictConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    validate(cfg)
+    t0 = time.time()
+    task = get_task(cfg.task.name)
+    examples = task.load(cfg.task, cfg.data.split, cfg.data.limit, int(cfg.seed))
+    if not examples:
+        raise UserError(f"no {cfg.task.name} examples in split {cfg.data.split!r}; check data.split / data.limit")
+    run_dir = new_run_dir(cfg, COMMAND)
+    fp = fingerprint(cfg)
+    check_resumable(run_dir, fp)
+    write_run_files(run_dir, cfg, COMMAND, extra={
+        "resume_fingerprint": fp,
+        "task": cfg.task.name,
+        "model": model_info(cfg),
+        "engine": OmegaConf.to_container(cfg.engine, resolve=True),
+        "sampling": sampling_params(cfg.collect).__dict__,
+        "samples_per_query": int(cfg.collect.samples_per_query),
+        "seeds": {"run_seed": int(cfg.seed), "step": STEP, "segment": SEGMENT,
+                  "derivation": "derive_seed(run_seed, step, example_id, sample_index, segment)"},
+        "verifier_version": VERIFIER_VERSION,
+        "split": cfg.data.split,
+        "examples": len(examples),
+        "examples_sha256": examples_sha256(examples),
+        "data_sha256": data_sha256(examples),
+    })
+
+    parts = run_dir / "parts"
+    done = done_ids(parts)
+    todo = [e for e in examples if e.id not in done]
+    if done:
+        print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} queries already done")
+    if todo:
+        engine, tokenizer = build_generator(cfg)
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="query",
+                   desc="collect-failures", disable=not cfg.log.progress)
+        for chunk in chunks(todo, int(cfg.collect.batch_queries)):
+            write_part(parts, collect_chunk(engine, tokenizer, task, chunk, cfg))
+            bar.update(len(chunk))
+        bar.close()
+
+    df = read_parts(parts)
+    df = df[df.id.isin({e.id for e in examples})].reset_index(drop=True)  # a resumed run may use a smaller limit
+    atomic_write_parquet(run_dir / "failures.parquet",
+                         df[df.n_correct < df.n_samples].reset_index(drop=True))
+    atomic_write_parquet(run_dir / "all_queries.parquet",
+                         df[["id", "source", "n_samples", "n_correct", "pass_rate"]])
+    summary = {**summarize(df), "wall_s": round(time.time() - t0, 2)}
+    atomic_write_json(run_dir / "summary.json", summary)
+    update_manifest(run_dir, summary=summary, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    print(format_summary(summary))
+    print(f"failures: {run_dir / 'failures.parquet'}")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- for the trainer
+
+def _ints(x: Any) -> list[int]:
+    return [int(v) for v in x]
+
+
+def load_failures(run_dir: str | Path) -> tuple[list[Example], list[dict[str, Any]]]:
+    """The failure set of a collect-failures run: Examples, and per example its stored failed attempts
+    {"token_ids", "texts", "reasons", "truncated", "pass_rate", "n_samples", "n_correct",
+    "prompt_token_ids"}, in the order of failures.parquet."""
+    path = Path(run_dir) / "failures.parquet"
+    if not path.exists():
+        hint = ("the collection did not finish: re-run rrr collect-failures with run_dir=" + str(run_dir)
+                if (Path(run_dir) / "parts").exists() else "run rrr collect-failures first and pass its run dir")
+        raise UserError(f"no failures.parquet in {run_dir}; {hint}")
+    examples, attempts = [], []
+    for row in pd.read_parquet(path).to_dict("records"):
+        examples.append(Example.from_row(row))
+        attempts.append({
+            "token_ids": [_ints(t) for t in row["failed_token_ids"]],
+            "texts": [str(t) for t in row["failed_texts"]],
+            "reasons": [str(r) for r in row["failed_reasons"]],
+            "truncated": [bool(t) for t in row["failed_truncated"]],
+            "pass_rate": float(row["pass_rate"]),
+            "n_samples": int(row["n_samples"]),
+            "n_correct": int(row["n_correct"]),
+            "prompt_token_ids": _ints(row["prompt_token_ids"]),
+        })
+    return examples, attempts
