@@ -13,7 +13,7 @@ from rrr.episode import Segment
 from rrr.tasks import Example
 from rrr.verifiers import Verdict
 
-REFLECTION_IDS = [50, 51, 52, 50, 51, 52, 9]   # 7 tokens, 5 3-grams of which 3 distinct
+REFLECTION_IDS = [50, 51, 52, 50, 51, 52, 9]   # 7 tokens: 5 3-grams, 4 of them distinct
 
 
 class CrashingEngine(RuntimeError):
@@ -24,6 +24,7 @@ class FakeEngine:
     def __init__(self, crash_on_call: int | None = None):
         self.crash_on_call = crash_on_call
         self.prompts: list[list[int]] = []   # every prompt it was asked for, in order
+        self.seeds: list[list[list[int]]] = []   # the seeds of each call
         self.calls = 0
 
     def generate(self, prompts, n, sampling, seeds=None):
@@ -32,6 +33,7 @@ class FakeEngine:
             raise CrashingEngine(f"simulated crash on call {self.calls}")
         assert seeds is not None and len(seeds) == len(prompts) and all(len(s) == n for s in seeds)
         self.prompts.extend(prompts)
+        self.seeds.append(seeds)
         return [[Sample(token_ids=[p[0], 100 + j], logprobs=[-0.1, -0.2],
                         finish_reason="length" if j == 1 else "stop") for j in range(n)] for p in prompts]
 

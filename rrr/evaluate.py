@@ -1,0 +1,287 @@
+"""`rrr evaluate`: first-try and second-try accuracy, with the controls the paper lacks (paper.md §1.5, §6).
+
+For every test example: attempt 1 (n=1). If it passes, the example is solved at the first try and the
+episode stops (no reflection, no retry). If it fails: one self-reflection and one retry; second try =
+solved at attempt 1 or at attempt 2 after reflecting. In the same pass, on the same failures and seeds:
+
+  best_of_2            a second independent attempt 1 (no reflection): is it reflection or just a 2nd draw?
+  retry_no_reflection  the retry prompt with no reflection in between: is it the reflection or the retry?
+  generic_reflection   a fixed task-agnostic reflection: is it *this* reflection or any text?
+
+Seeds derive from (seed, step=0, example id, sample index, segment), so the same seed and example give the
+same attempt 1 in every evaluate run: vanilla and trained runs are paired example by example.
+
+Crash safety: examples run in batches of `eval.batch_queries`; each finished batch is written atomically
+to `parts/part_NNNNN.parquet`; `run_dir=...` resumes and skips the example ids already there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from rrr.config import UserError
+from rrr.episode import Segment
+from rrr.failures import (build_generator, check_resumable, chunks, done_ids, examples_sha256, model_info,
+                          read_parts, sampling_params, write_part)
+from rrr.runs import atomic_write_json, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
+from rrr.stats import bootstrap_ci, distinct_ngram_ratio
+from rrr.tasks import Example, get_task
+from rrr.verifiers import VERIFIER_VERSION
+
+COMMAND = "evaluate"
+STEP = 0                     # evaluation seeds use step 0, so every evaluate run draws the same attempt 1
+CONTROLS = ("best_of_2", "retry_no_reflection", "generic_reflection")
+REFLECTION_MODE = {"retry_no_reflection": "none", "generic_reflection": "generic"}
+SEGMENTS = ("attempt1", "reflection", "attempt2")
+
+
+# ----------------------------------------------------------------------------- config and provenance
+
+def controls_of(cfg: DictConfig) -> list[str]:
+    controls = [str(c) for c in cfg.eval.controls]
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise UserError(f"unknown eval.controls {unknown}; valid: {', '.join(CONTROLS)}")
+    return controls
+
+
+def segment_sampling(cfg: DictConfig) -> dict[str, Any]:
+    return {seg: sampling_params(cfg.eval.sampling[seg]) for seg in SEGMENTS}
+
+
+def train_run_of(model_path: str | None) -> str | None:
+    """The train run a checkpoint belongs to: the parent of the `checkpoints/` folder on its path."""
+    if not model_path:
+        return None
+    path = Path(model_path).resolve()
+    for d in (path, *path.parents):
+        if d.name == "checkpoints":
+            return str(d.parent)
+    return None
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What must not change when an evaluation is resumed (eval.limit may: it only adds examples)."""
+    return {
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+        "engine": str(cfg.engine.name),
+        "split": str(cfg.eval.split),
+        "seed": int(cfg.seed),
+        "controls": controls_of(cfg),
+        "sampling": {seg: p.__dict__ for seg, p in segment_sampling(cfg).items()},
+        "verifier_version": VERIFIER_VERSION,
+    }
+
+
+# ----------------------------------------------------------------------------- one batch
+
+def first_try_row(example: Example, attempt: Any, controls: Sequence[str]) -> dict[str, Any]:
+    """The row of an example after attempt 1; the retry columns hold 'no retry' until a retry happens."""
+    solved = bool(attempt.verdict.correct)
+    return {
+        "example_id": example.id,
+        "source": example.source,
+        "attempt1_text": attempt.text,
+        "attempt1_reason": attempt.verdict.reason,
+        "attempt1_correct": solved,
+        "attempt1_truncated": bool(attempt.sample.truncated),
+        "reflection_text": "",
+        "reflection_token_ids": [],
+        "reflection_tokens": math.nan,
+        "reflection_truncated": False,
+        "attempt2_text": "",
+        "attempt2_reason": "",
+        "attempt2_correct": False,
+        "second_try_correct": solved,
+        **{f"{c}_{col}": "" for c in controls for col in ("text", "reason")},
+        **{f"{c}_correct": solved for c in controls},
+    }
+
+
+def reflection_ids(episode: Any) -> list[int]:
+    seg = np.asarray(episode.segment_ids)
+    return [int(t) for t, s in zip(episode.token_ids, seg) if s == Segment.REFLECTION]
+
+
+def retry_columns(episode: Any) -> dict[str, Any]:
+    ids = reflection_ids(episode)
+    return {
+        "reflection_text": episode.texts.get("reflection", ""),
+        "reflection_token_ids": ids,
+        "reflection_tokens": float(len(ids)),
+        "reflection_truncated": bool(episode.truncated.get("reflection", False)),
+        "attempt2_text": episode.texts.get("attempt2", ""),
+        "attempt2_reason": _reason(episode, "attempt2"),
+        "attempt2_correct": bool(episode.attempt2_correct),
+        "second_try_correct": bool(episode.attempt2_correct),
+    }
+
+
+def control_columns(control: str, text: str, reason: str, correct: bool) -> dict[str, Any]:
+    return {f"{control}_text": text, f"{control}_reason": reason, f"{control}_correct": bool(correct)}
+
+
+def _reason(episode: Any, segment: str) -> str:
+    reasons = episode.reasons
+    return str(reasons.get(segment, "")) if isinstance(reasons, dict) else str(reasons)
+
+
+def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example],
+                   cfg: DictConfig) -> list[dict[str, Any]]:
+    """Attempt 1 for every example; reflection + retry and each control for the failures only."""
+    from rrr.rollout import reflect_retry, sample_attempts
+
+    controls, sampling, seed = controls_of(cfg), segment_sampling(cfg), int(cfg.seed)
+    first = [a[0] for a in sample_attempts(engine, tokenizer, task, list(examples), cfg.prompts,
+                                           sampling["attempt1"], n=1, seed=seed, step=STEP)]
+    rows = [first_try_row(ex, a, controls) for ex, a in zip(examples, first)]
+    failed = [i for i, a in enumerate(first) if not a.verdict.correct]
+    if not failed:
+        return rows
+    failed_examples, failed_samples = [examples[i] for i in failed], [first[i].sample for i in failed]
+
+    def retry(mode: str) -> list[Any]:
+        groups = reflect_retry(engine, tokenizer, task, failed_examples, failed_samples, cfg.prompts, sampling,
+                               group_size=1, seed=seed, step=STEP, reflection_mode=mode)
+        return [g[0] for g in groups]
+
+    for i, ep in zip(failed, retry("model")):
+        rows[i].update(retry_columns(ep))
+    for control in controls:
+        if control == "best_of_2":
+            # A separate seed stream ("best_of_2"), so enabling the control never changes attempt 1.
+            second = sample_attempts(engine, tokenizer, task, failed_examples, cfg.prompts, sampling["attempt1"],
+                                     n=1, seed=seed, step=STEP, segment="best_of_2")
+            for i, (a,) in zip(failed, second):
+                rows[i].update(control_columns(control, a.text, a.verdict.reason, a.verdict.correct))
+        else:
+            for i, ep in zip(failed, retry(REFLECTION_MODE[control])):
+                rows[i].update(control_columns(control, ep.texts.get("attempt2", ""), _reason(ep, "attempt2"),
+                                               ep.attempt2_correct))
+    return rows
+
+
+# ----------------------------------------------------------------------------- summary
+
+def accuracy(values: pd.Series, n_boot: int, seed: int) -> dict[str, Any]:
+    mean, lo, hi = bootstrap_ci(values.astype(float).to_numpy(), n_boot=n_boot, alpha=0.05, seed=seed)
+    return {"acc": mean, "ci": [lo, hi]}
+
+
+def reflection_stats(df: pd.DataFrame) -> dict[str, float | None]:
+    """Over the examples that got a reflection (attempt 1 failed): length, truncation, repetition."""
+    has = df[df.reflection_tokens.notna()]
+    if has.empty:
+        return {k: None for k in ("tokens_mean", "tokens_p50", "tokens_p95", "truncated_share",
+                                  "distinct_3gram_ratio")}
+    tokens = has.reflection_tokens.to_numpy(float)
+    return {
+        "tokens_mean": float(tokens.mean()),
+        "tokens_p50": float(np.percentile(tokens, 50)),
+        "tokens_p95": float(np.percentile(tokens, 95)),
+        "truncated_share": float(has.reflection_truncated.astype(float).mean()),
+        "distinct_3gram_ratio": float(np.mean([distinct_ngram_ratio(list(ids), 3)
+                                               for ids in has.reflection_token_ids])),
+    }
+
+
+def summarize(df: pd.DataFrame, controls: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "n": len(df),
+        "first_try": accuracy(df.attempt1_correct, n_boot, seed),
+        "second_try": accuracy(df.second_try_correct, n_boot, seed),
+    }
+    for c in controls:
+        summary[c] = accuracy(df[f"{c}_correct"], n_boot, seed)
+    summary["reflection"] = reflection_stats(df)
+    return summary
+
+
+def format_table(summary: dict[str, Any], controls: Sequence[str]) -> str:
+    lines = [f"{summary['task']} · {summary['model']} ({summary['label']}) · n={summary['n']}",
+             f"{'':22s}{'acc':>7s}   95% CI"]
+    for key in ("first_try", "second_try", *controls):
+        m = summary[key]
+        lines.append(f"{key.replace('_', ' '):22s}{m['acc']:7.3f}   [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]")
+    r = summary["reflection"]
+    if r["tokens_mean"] is not None:
+        lines.append(f"reflections: {r['tokens_mean']:.1f} tokens mean (p50 {r['tokens_p50']:.0f}, "
+                     f"p95 {r['tokens_p95']:.0f}), truncated {r['truncated_share']:.1%}, "
+                     f"distinct 3-grams {r['distinct_3gram_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def run(cfg: DictConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    controls = controls_of(cfg)
+    if int(cfg.eval.batch_queries) < 1:
+        raise UserError("eval.batch_queries must be >= 1")
+    task = get_task(cfg.task.name)
+    examples = task.load(cfg.task, cfg.eval.split, cfg.eval.limit, int(cfg.seed))
+    if not examples:
+        raise UserError(f"no {cfg.task.name} examples in split {cfg.eval.split!r}; check eval.split / eval.limit")
+    run_dir = new_run_dir(cfg, COMMAND)
+    fp = fingerprint(cfg)
+    check_resumable(run_dir, fp)
+    model_path = cfg.model.get("path")
+    label = "trained" if model_path else "vanilla"
+    write_run_files(run_dir, cfg, COMMAND, extra={
+        "resume_fingerprint": fp,
+        "task": cfg.task.name,
+        "split": str(cfg.eval.split),
+        "model": model_info(cfg),
+        "model_label": label,
+        "train_run": train_run_of(model_path),
+        "engine": OmegaConf.to_container(cfg.engine, resolve=True),
+        "sampling": fp["sampling"],
+        "controls": controls,
+        "seeds": {"run_seed": int(cfg.seed), "step": STEP,
+                  "derivation": "derive_seed(run_seed, step, example_id, sample_index, segment)"},
+        "verifier_version": VERIFIER_VERSION,
+        "examples": len(examples),
+        "examples_sha256": examples_sha256(examples),
+    })
+
+    parts = run_dir / "parts"
+    done = done_ids(parts, key="example_id")
+    todo = [e for e in examples if e.id not in done]
+    if done:
+        print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} examples already done")
+    if todo:
+        engine, tokenizer = build_generator(cfg)
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example", desc="evaluate",
+                   disable=not cfg.log.progress)
+        for batch in chunks(todo, int(cfg.eval.batch_queries)):
+            write_part(parts, evaluate_batch(engine, tokenizer, task, batch, cfg))
+            bar.update(len(batch))
+        bar.close()
+
+    order = {e.id: i for i, e in enumerate(examples)}
+    df = read_parts(parts, key="example_id")
+    df = df[df.example_id.isin(order)].sort_values("example_id", key=lambda s: s.map(order))
+    df = df.reset_index(drop=True)
+    atomic_write_parquet(run_dir / "results.parquet", df)
+    summary = {
+        **summarize(df, controls, int(cfg.eval.bootstrap_samples), int(cfg.seed)),
+        "task": cfg.task.name, "model": str(cfg.model.name), "label": label,
+        "wall_s": round(time.time() - t0, 2),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    print(format_table(summary, controls))
+    print(f"results: {run_dir / 'results.parquet'}")
+    return run_dir
+

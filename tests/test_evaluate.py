@@ -1,0 +1,122 @@
+"""evaluate: first/second try, the three controls, reflection statistics, paired seeds, the `rrr compare`
+contract and crash-safe resume (fake engine/task/rollout)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+import rrr.evaluate as evaluate
+from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from rrr.config import UserError, compose
+
+# Which (segment, mode) sample 0 solves: q0 passes at once; the others fail attempt 1 and are fixed by
+# the reflection (q1), a 2nd sample or a bare retry (q2), a bare or generic retry (q3), nothing (q4).
+SOLVE = [
+    {"attempt1": 1},
+    {"attempt2:model": 1},
+    {"best_of_2": 1, "attempt2:none": 1},
+    {"attempt2:none": 1, "attempt2:generic": 1},
+    {},
+]
+CONTRACT_COLUMNS = ["example_id", "attempt1_correct", "attempt2_correct", "second_try_correct",
+                    "best_of_2_correct", "retry_no_reflection_correct", "generic_reflection_correct",
+                    "attempt1_text", "reflection_text", "attempt2_text", "attempt1_reason", "attempt2_reason",
+                    "reflection_tokens", "reflection_truncated"]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    state = SimpleNamespace(task=FakeTask(make_examples(SOLVE)), engine=FakeEngine())
+    monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
+    monkeypatch.setattr(evaluate, "get_task", lambda name: state.task)
+    monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
+    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    return state
+
+
+def cfg_for(tmp_path, *extra: str):
+    return compose(["task=countdown", "model=tiny-random", f"out_root={tmp_path}", "eval.limit=5",
+                    "eval.batch_queries=3", "eval.bootstrap_samples=200", "log.progress=false", *extra])
+
+
+def test_first_try_second_try_and_controls(tmp_path, fake, capsys):
+    run = evaluate.run(cfg_for(tmp_path))
+    df = pd.read_parquet(run / "results.parquet")
+    assert set(CONTRACT_COLUMNS) <= set(df.columns)
+    assert df.example_id.tolist() == [f"q{i:03d}" for i in range(5)]
+    assert df.attempt1_correct.tolist() == [True, False, False, False, False]
+    assert df.attempt2_correct.tolist() == [False, True, False, False, False]   # no retry after a pass
+    assert df.second_try_correct.tolist() == [True, True, False, False, False]
+    assert df.best_of_2_correct.tolist() == [True, False, True, False, False]
+    assert df.retry_no_reflection_correct.tolist() == [True, False, True, True, False]
+    assert df.generic_reflection_correct.tolist() == [True, False, False, True, False]
+    assert math.isnan(df.reflection_tokens[0]) and df.reflection_tokens[1:].tolist() == [7.0] * 4
+    assert df.attempt2_text[1] == "attempt2:model:0" and df.attempt2_reason[2] == "wrong attempt2:model"
+
+    s = json.loads((run / "summary.json").read_text())
+    assert s["n"] == 5 and (s["task"], s["model"], s["label"]) == ("countdown", "tiny-random", "vanilla")
+    assert [s[k]["acc"] for k in ("first_try", "second_try", "best_of_2", "retry_no_reflection",
+                                  "generic_reflection")] == pytest.approx([0.2, 0.4, 0.4, 0.6, 0.4])
+    lo, hi = s["second_try"]["ci"]
+    assert 0.0 <= lo < 0.4 < hi <= 1.0
+    r = s["reflection"]
+    assert (r["tokens_mean"], r["tokens_p50"], r["tokens_p95"]) == (7.0, 7.0, 7.0)
+    assert r["truncated_share"] == pytest.approx(0.5)                  # q1 and q3 of the 4 reflections
+    assert r["distinct_3gram_ratio"] == pytest.approx(0.8)
+    assert "wall_s" in s
+    out = capsys.readouterr().out
+    assert "second try" in out and "0.400" in out
+
+
+def test_manifest_carries_the_compare_contract(tmp_path, fake):
+    manifest = json.loads((evaluate.run(cfg_for(tmp_path)) / "manifest.json").read_text())
+    ids = "\n".join(sorted(f"q{i:03d}" for i in range(5)))
+    assert manifest["command"] == "evaluate"
+    assert manifest["examples_sha256"] == hashlib.sha256(ids.encode()).hexdigest()
+    assert (manifest["train_run"], manifest["model_label"]) == (None, "vanilla")
+
+
+def test_trained_checkpoint_is_labelled_and_paired_with_vanilla(tmp_path, fake):
+    evaluate.run(cfg_for(tmp_path / "v", "eval.controls=[]"))
+    vanilla_seeds = fake.engine.seeds[0]
+    train_run = tmp_path / "outputs" / "train" / "run1"
+    fake.engine = FakeEngine()
+    run = evaluate.run(cfg_for(tmp_path / "t", f"++model.path={train_run}/checkpoints/step_10"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model_label"] == "trained" and manifest["train_run"] == str(train_run)
+    assert fake.engine.seeds[0] == vanilla_seeds        # same attempt-1 seeds, controls on or off
+
+
+def test_only_failures_are_reflected_on(tmp_path, fake):
+    evaluate.run(cfg_for(tmp_path, "eval.limit=1"))       # q0 passes at once
+    assert fake.engine.calls == 1
+
+
+def test_resume_after_a_crash_repeats_no_example(tmp_path, fake):
+    reference = pd.read_parquet(evaluate.run(cfg_for(tmp_path / "ref")) / "results.parquet")
+    fake.engine = FakeEngine(crash_on_call=6)             # batch 1 takes 5 calls; dies in batch 2
+    with pytest.raises(CrashingEngine):
+        evaluate.run(cfg_for(tmp_path / "a"))
+    run = next((tmp_path / "a" / "evaluate").iterdir())
+    fake.engine = FakeEngine()
+    evaluate.run(cfg_for(tmp_path / "a", f"run_dir={run}"))
+    assert sorted({p[0] for p in fake.engine.prompts}) == [1003, 1004]   # batch 2 only
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "results.parquet"), reference)
+
+
+def test_unknown_control_is_a_user_error(tmp_path, fake):
+    with pytest.raises(UserError, match="best_of_2"):
+        evaluate.run(cfg_for(tmp_path, "eval.controls=[best_of_3]"))
+
+
+def test_train_run_of_finds_the_run_above_checkpoints(tmp_path):
+    assert evaluate.train_run_of(str(tmp_path / "r" / "checkpoints" / "step_3")) == str(tmp_path / "r")
+    assert evaluate.train_run_of(str(tmp_path / "some" / "model")) is None
+    assert evaluate.train_run_of(None) is None
