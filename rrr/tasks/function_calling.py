@@ -1,0 +1,182 @@
+"""Function calling: answer a user query with the right tool calls (names, arguments and values).
+
+Sources (`task.source`):
+- `xlam`: `Salesforce/xlam-function-calling-60k` from the Hugging Face Hub. Gated: it needs an HF token
+  whose account accepted the data set's conditions. Split 48,000 / 12,000 by hash (the paper's split
+  method is unknown; `task.split_seed` fixes ours).
+- `jsonl`: a local file in the same format (`task.path`): a JSON array, like the hub's
+  `xlam_function_calling_60k.json`, or JSON Lines; `tools` and `answers` may be JSON strings or lists.
+- `bfcl`: BFCL v4 single-turn categories read offline from the installed `bfcl-eval` wheel. They are
+  benchmark data: the `train` split is `task.bfcl.train_categories` (live_* by default) and the `test`
+  split `task.bfcl.test_categories` (the non-live ones), disjoint sources, so no hash split is needed.
+
+Fields: query (str), tools (list of tool specs, as the source gives them), grader ("xlam" | "bfcl"),
+then answers (xLAM gold: list of {name, arguments}) or ground_truth (BFCL: list of
+{name: {param: [acceptable values]}}), and for BFCL category and, when the entry has one, system.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rrr.config import UserError
+from rrr.tasks import Example
+from rrr.tasks.splits import check_split, content_id, dedupe, sample, select_split
+
+TASK = "function_calling"
+BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple",
+                   "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+
+
+# ---- xLAM (hub or local file) --------------------------------------------------------------------------
+
+def _json_field(value: Any, name: str, where: str) -> list:
+    """xLAM stores tools and answers as JSON strings; local copies may hold the lists directly."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: field {name!r} is not valid JSON") from None
+    if not isinstance(value, list):
+        raise UserError(f"{where}: field {name!r} must be a list (or a JSON string of one)")
+    return value
+
+
+def xlam_example(row: dict, where: str, source: str) -> Example:
+    missing = {"query", "tools", "answers"} - set(row)
+    if missing:
+        raise UserError(f"{where}: missing field(s) {sorted(missing)}; an xLAM row has id, query, tools, answers")
+    fields = {"query": str(row["query"]), "tools": _json_field(row["tools"], "tools", where),
+              "answers": _json_field(row["answers"], "answers", where), "grader": "xlam"}
+    ex_id = f"xlam-{row['id']}" if row.get("id") is not None else content_id("xlam", fields)
+    return Example(id=ex_id, task=TASK, source=source, fields=fields)
+
+
+def _read_rows(path: str | None) -> list[tuple[dict, str]]:
+    """(row, where) pairs from a JSON array or JSON Lines file; `where` names the line for errors."""
+    if not path or not Path(path).is_file():
+        raise UserError(f"task.path={path!r} is not a file; point it at an xLAM-format JSON or JSONL file")
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            return [(row, f"{path} item {i}") for i, row in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _hub_rows(hub_id: str) -> list[tuple[dict, str]]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_id, split="train")
+    except Exception as e:   # offline, no token, terms not accepted: all mean "get the file another way"
+        raise UserError(f"cannot load {hub_id} from the Hugging Face Hub ({type(e).__name__}). It is gated: "
+                        "accept its conditions on the hub and log in (`hf auth login` or HF_TOKEN), or "
+                        "download xlam_function_calling_60k.json and use task.source=jsonl task.path=FILE") from None
+    return [(row, f"{hub_id} row {i}") for i, row in enumerate(ds)]
+
+
+def _load_xlam(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Example]:
+    source = str(task_cfg.source)
+    rows = _hub_rows(str(task_cfg.xlam.hub_id)) if source == "xlam" else _read_rows(task_cfg.path)
+    examples = dedupe((xlam_example(row, where, source) for row, where in rows),
+                      key=lambda ex: json.dumps(ex.fields, sort_keys=True))
+    # Split by the query text: copies of one query (with other tools or answers) all land on one side.
+    query = lambda ex: ex.fields["query"]  # noqa: E731
+    chosen = select_split(examples, query, split, int(task_cfg.split_seed), float(task_cfg.test_fraction),
+                          int(task_cfg.test_size))
+    return sample(chosen, lambda ex: ex.id, limit, seed)
+
+
+# ---- BFCL (offline, from the bfcl-eval wheel) ----------------------------------------------------------
+
+def _bfcl_lines(relpath: str) -> list[dict]:
+    """BFCL's .json files are JSON Lines."""
+    try:
+        root = resources.files("bfcl_eval") / "data"
+    except ModuleNotFoundError:
+        raise UserError("BFCL data needs the bfcl-eval package: pip install --no-deps bfcl-eval==2026.3.23 "
+                        "(or run `make venv`)") from None
+    text = (root / relpath).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def bfcl_example(question: dict, answer: dict, category: str) -> Example:
+    turns = question["question"]
+    if len(turns) != 1:
+        raise ValueError(f"{question['id']}: expected one turn, got {len(turns)}")
+    system = [m["content"] for m in turns[0] if m["role"] == "system"]
+    user = [m["content"] for m in turns[0] if m["role"] == "user"]
+    if len(user) != 1 or len(system) + len(user) != len(turns[0]):
+        raise ValueError(f"{question['id']}: expected optional system messages and one user message")
+    fields: dict[str, Any] = {"query": user[0], "tools": question["function"],
+                              "ground_truth": answer["ground_truth"], "grader": "bfcl", "category": category}
+    if system:
+        fields["system"] = "\n\n".join(system)
+    return Example(id=question["id"], task=TASK, source=f"bfcl:{category}", fields=fields)
+
+
+def load_bfcl_category(category: str) -> list[Example]:
+    if category not in BFCL_CATEGORIES:
+        raise UserError(f"unknown BFCL category {category!r}; valid: {', '.join(BFCL_CATEGORIES)}")
+    questions = _bfcl_lines(f"BFCL_v4_{category}.json")
+    answers = {a["id"]: a for a in _bfcl_lines(f"possible_answer/BFCL_v4_{category}.json")}
+    return [bfcl_example(q, answers[q["id"]], category) for q in questions]
+
+
+def _load_bfcl(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Example]:
+    train, test = list(task_cfg.bfcl.train_categories), list(task_cfg.bfcl.test_categories)
+    shared = sorted(set(train) & set(test))
+    if shared:
+        raise UserError(f"BFCL categories {shared} are in both task.bfcl.train_categories and test_categories; "
+                        "keep the two lists disjoint")
+    examples = [ex for cat in (test if split == "test" else train) for ex in load_bfcl_category(cat)]
+    return sample(examples, lambda ex: ex.id, limit, seed)
+
+
+# ---- task interface ------------------------------------------------------------------------------------
+
+def load(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Example]:
+    """`limit` examples of `split` (all of it when None): the first after a shuffle seeded by `seed`, so
+    a small limit mixes categories. The split itself depends only on the task config."""
+    check_split(split)
+    source = str(task_cfg.source)
+    if source == "bfcl":
+        return _load_bfcl(task_cfg, split, limit, seed)
+    if source in ("xlam", "jsonl"):
+        return _load_xlam(task_cfg, split, limit, seed)
+    raise UserError(f"unknown task.source={source!r} for function_calling; valid: bfcl, xlam, jsonl")
+
+
+def render_tools(tools: list[dict]) -> str:
+    """One JSON object per line (as Qwen's chat template lists tools): compact, and one tool per line."""
+    return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+
+
+def messages(example: Example, prompts_cfg: Any) -> list[dict]:
+    f = example.fields
+    system = str(prompts_cfg.system).format(tools=render_tools(f["tools"]))
+    if f.get("system"):   # BFCL's own system message comes first; ours adds the tools and the format
+        system = f"{f['system']}\n\n{system}"
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": str(prompts_cfg.user).format(query=f["query"])}]
+
+
+def verify(example: Example, completion: str):
+    from rrr.verifiers import function_calling as fc
+
+    f = example.fields
+    if f["grader"] == "bfcl":
+        return fc.verify_bfcl(completion, f["ground_truth"], f["tools"])
+    return fc.verify(completion, f["answers"], f["tools"])
