@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from rrr.config import UserError
 from rrr.episode import Segment
 from rrr.failures import (build_generator, check_resumable, chunks, done_ids, examples_sha256, model_info,
-                          read_parts, sampling_params, write_part)
+                          read_parts, sampling_params, throughput, write_part)
 from rrr.runs import atomic_write_json, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
 from rrr.stats import bootstrap_ci, distinct_ngram_ratio
 from rrr.tasks import Example, get_task
@@ -102,8 +102,7 @@ def first_try_row(example: Example, attempt: Any, controls: Sequence[str]) -> di
         "attempt2_reason": "",
         "attempt2_correct": False,
         "second_try_correct": solved,
-        **{f"{c}_{col}": "" for c in controls for col in ("text", "reason")},
-        **{f"{c}_correct": solved for c in controls},
+        **{k: v for c in controls for k, v in control_columns(c, "", "", solved).items()},
     }
 
 
@@ -135,23 +134,25 @@ def _reason(episode: Any, segment: str) -> str:
     return str(reasons.get(segment, "")) if isinstance(reasons, dict) else str(reasons)
 
 
-def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example],
-                   cfg: DictConfig) -> list[dict[str, Any]]:
+def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example], cfg: DictConfig,
+                   stats: Any) -> list[dict[str, Any]]:
     """Attempt 1 for every example; reflection + retry and each control for the failures only."""
     from rrr.rollout import reflect_retry, sample_attempts
 
     controls, sampling, seed = controls_of(cfg), segment_sampling(cfg), int(cfg.seed)
     first = [a[0] for a in sample_attempts(engine, tokenizer, task, list(examples), cfg.prompts,
-                                           sampling["attempt1"], n=1, seed=seed, step=STEP)]
+                                           sampling["attempt1"], n=1, seed=seed, step=STEP, stats=stats)]
     rows = [first_try_row(ex, a, controls) for ex, a in zip(examples, first)]
     failed = [i for i, a in enumerate(first) if not a.verdict.correct]
     if not failed:
         return rows
     failed_examples, failed_samples = [examples[i] for i in failed], [first[i].sample for i in failed]
+    failed_verdicts = [first[i].verdict for i in failed]
 
     def retry(mode: str) -> list[Any]:
         groups = reflect_retry(engine, tokenizer, task, failed_examples, failed_samples, cfg.prompts, sampling,
-                               group_size=1, seed=seed, step=STEP, reflection_mode=mode)
+                               group_size=1, seed=seed, step=STEP, reflection_mode=mode,
+                               verdicts1=failed_verdicts, stats=stats)
         return [g[0] for g in groups]
 
     for i, ep in zip(failed, retry("model")):
@@ -160,7 +161,7 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
         if control == "best_of_2":
             # A separate seed stream ("best_of_2"), so enabling the control never changes attempt 1.
             second = sample_attempts(engine, tokenizer, task, failed_examples, cfg.prompts, sampling["attempt1"],
-                                     n=1, seed=seed, step=STEP, segment="best_of_2")
+                                     n=1, seed=seed, step=STEP, segment="best_of_2", stats=stats)
             for i, (a,) in zip(failed, second):
                 rows[i].update(control_columns(control, a.text, a.verdict.reason, a.verdict.correct))
         else:
@@ -225,6 +226,8 @@ def format_table(summary: dict[str, Any], controls: Sequence[str]) -> str:
 def run(cfg: DictConfig) -> Path:
     from tqdm.auto import tqdm
 
+    from rrr.rollout import RolloutStats
+
     t0 = time.time()
     controls = controls_of(cfg)
     if int(cfg.eval.batch_queries) < 1:
@@ -260,12 +263,13 @@ def run(cfg: DictConfig) -> Path:
     todo = [e for e in examples if e.id not in done]
     if done:
         print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} examples already done")
+    stats = RolloutStats()
     if todo:
         engine, tokenizer = build_generator(cfg)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example", desc="evaluate",
                    disable=not cfg.log.progress)
         for batch in chunks(todo, int(cfg.eval.batch_queries)):
-            write_part(parts, evaluate_batch(engine, tokenizer, task, batch, cfg))
+            write_part(parts, evaluate_batch(engine, tokenizer, task, batch, cfg, stats))
             bar.update(len(batch))
         bar.close()
 
@@ -277,7 +281,7 @@ def run(cfg: DictConfig) -> Path:
     summary = {
         **summarize(df, controls, int(cfg.eval.bootstrap_samples), int(cfg.seed)),
         "task": cfg.task.name, "model": str(cfg.model.name), "label": label,
-        "wall_s": round(time.time() - t0, 2),
+        **throughput(stats), "wall_s": round(time.time() - t0, 2),
     }
     atomic_write_json(run_dir / "summary.json", summary)
     update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -120,7 +120,8 @@ def format_summary(s: dict[str, Any]) -> str:
         return "collect-failures: no queries"
     return (f"queries {s['queries']}  samples {s['samples']}  pass@1 {s['pass_at_1']:.3f}  "
             f"never solved {s['never_solved']:.1%}  always solved {s['always_solved']:.1%}  "
-            f"kept (>=1 failure) {s['kept']}")
+            f"kept (>=1 failure) {s['kept']}  generated {s['generated_tokens']} tokens "
+            f"({s['tokens_per_s']} tokens/s)")
 
 
 # ----------------------------------------------------------------------------- parts (crash safety)
@@ -171,16 +172,23 @@ def model_info(cfg: DictConfig) -> dict[str, Any]:
     return model_provenance(cfg.model)
 
 
-def collect_chunk(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example],
-                  cfg: DictConfig) -> list[dict[str, Any]]:
+def collect_chunk(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example], cfg: DictConfig,
+                  stats: Any) -> list[dict[str, Any]]:
     """Sample k attempts per query, verify them (inside rollout), and build one row per query."""
     from rrr.rollout import prompt_ids, sample_attempts
 
     c = cfg.collect
     attempts = sample_attempts(engine, tokenizer, task, list(examples), cfg.prompts, sampling_params(c),
-                               n=int(c.samples_per_query), seed=int(cfg.seed), step=STEP, segment=SEGMENT)
+                               n=int(c.samples_per_query), seed=int(cfg.seed), step=STEP, segment=SEGMENT,
+                               stats=stats)
     return [query_row(ex, atts, prompt_ids(tokenizer, task, ex, cfg.prompts), int(c.keep_attempts))
             for ex, atts in zip(examples, attempts)]
+
+
+def throughput(stats: Any) -> dict[str, Any]:
+    """Generated tokens and tokens/s of this invocation (a resumed run counts only what it generated)."""
+    return {"generated_tokens": int(sum(stats.generated_tokens.values())),
+            "tokens_per_s": round(float(stats.tokens_per_second), 1)}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -195,6 +203,8 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> Path:
     from tqdm.auto import tqdm
+
+    from rrr.rollout import RolloutStats
 
     validate(cfg)
     t0 = time.time()
@@ -226,12 +236,13 @@ def run(cfg: DictConfig) -> Path:
     todo = [e for e in examples if e.id not in done]
     if done:
         print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} queries already done")
+    stats = RolloutStats()
     if todo:
         engine, tokenizer = build_generator(cfg)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="query",
                    desc="collect-failures", disable=not cfg.log.progress)
         for chunk in chunks(todo, int(cfg.collect.batch_queries)):
-            write_part(parts, collect_chunk(engine, tokenizer, task, chunk, cfg))
+            write_part(parts, collect_chunk(engine, tokenizer, task, chunk, cfg, stats))
             bar.update(len(chunk))
         bar.close()
 
@@ -241,7 +252,7 @@ def run(cfg: DictConfig) -> Path:
                          df[df.n_correct < df.n_samples].reset_index(drop=True))
     atomic_write_parquet(run_dir / "all_queries.parquet",
                          df[["id", "source", "n_samples", "n_correct", "pass_rate"]])
-    summary = {**summarize(df), "wall_s": round(time.time() - t0, 2)}
+    summary = {**summarize(df), **throughput(stats), "wall_s": round(time.time() - t0, 2)}
     atomic_write_json(run_dir / "summary.json", summary)
     update_manifest(run_dir, summary=summary, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     print(format_summary(summary))

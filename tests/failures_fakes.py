@@ -10,6 +10,7 @@ from typing import Any
 
 from rrr.engines.base import Sample, derive_seed
 from rrr.episode import Segment
+from rrr.rollout import RolloutStats
 from rrr.tasks import Example
 from rrr.verifiers import Verdict
 
@@ -71,16 +72,18 @@ def prompt_ids(tokenizer, task, example, prompts_cfg) -> list[int]:
 
 
 def sample_attempts(engine, tokenizer, task, examples, prompts_cfg, sampling, n, seed, step,
-                    segment="attempt1"):
+                    segment="attempt1", stats=None):
     seeds = [[derive_seed(seed, step, ex.id, j, segment) for j in range(n)] for ex in examples]
     outs = engine.generate([prompt_ids(tokenizer, task, ex, prompts_cfg) for ex in examples], n, sampling, seeds)
+    stats.record(segment, outs, 0.5)
     return [[SimpleNamespace(sample=s, text=f"{segment}:{j}", verdict=task.verify(ex, f"{segment}:{j}"))
              for j, s in enumerate(samples)] for ex, samples in zip(examples, outs)]
 
 
 def reflect_retry(engine, tokenizer, task, examples, attempts1, prompts_cfg, sampling, group_size, seed, step,
-                  reflection_mode="model"):
+                  reflection_mode="model", verdicts1=None, stats=None):
     assert len(attempts1) == len(examples) and all(isinstance(a, Sample) for a in attempts1)
+    assert verdicts1 is not None and not any(v.correct for v in verdicts1)
     prompts = [prompt_ids(tokenizer, task, ex, prompts_cfg) for ex in examples]
     seeds = [[derive_seed(seed, step, ex.id, g, "attempt2") for g in range(group_size)] for ex in examples]
     engine.generate(prompts, group_size, sampling["attempt2"], seeds)
@@ -102,4 +105,5 @@ def reflect_retry(engine, tokenizer, task, examples, attempts1, prompts_cfg, sam
     return groups
 
 
-fake_rollout = SimpleNamespace(prompt_ids=prompt_ids, sample_attempts=sample_attempts, reflect_retry=reflect_retry)
+fake_rollout = SimpleNamespace(prompt_ids=prompt_ids, sample_attempts=sample_attempts, reflect_retry=reflect_retry,
+                               RolloutStats=RolloutStats)

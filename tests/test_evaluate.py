@@ -120,3 +120,28 @@ def test_train_run_of_finds_the_run_above_checkpoints(tmp_path):
     assert evaluate.train_run_of(str(tmp_path / "r" / "checkpoints" / "step_3")) == str(tmp_path / "r")
     assert evaluate.train_run_of(str(tmp_path / "some" / "model")) is None
     assert evaluate.train_run_of(None) is None
+
+
+def test_cli_end_to_end_on_tiny_random_and_paired_attempt1(tmp_path):
+    from typer.testing import CliRunner
+
+    from rrr.cli import app
+
+    def evaluate_cli(*extra: str) -> pd.DataFrame:
+        result = CliRunner().invoke(app, [
+            "evaluate", "task=countdown", "model=tiny-random", "model.device=cpu", "engine=hf", "eval.limit=3",
+            *[f"eval.sampling.{s}.max_tokens=6" for s in ("attempt1", "reflection", "attempt2")],
+            "log.progress=false", *extra])
+        assert result.exit_code == 0, result.output
+        assert "second try" in result.output
+        return pd.read_parquet(next((tmp_path / extra[0].split("=")[1]).glob("evaluate/*")) / "results.parquet")
+
+    full = evaluate_cli(f"out_root={tmp_path}/a", "eval.batch_queries=2")
+    assert set(CONTRACT_COLUMNS) <= set(full.columns) and len(full) == 3
+    run = next((tmp_path / "a" / "evaluate").iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    assert {"n", "first_try", "second_try", *evaluate.CONTROLS, "reflection", "task", "model", "label",
+            "wall_s"} <= set(s)
+    # Pairing: another run (other batching, no controls) draws the same attempt 1 per example.
+    bare = evaluate_cli(f"out_root={tmp_path}/b", "eval.batch_queries=3", "eval.controls=[]")
+    assert bare.attempt1_text.tolist() == full.attempt1_text.tolist()

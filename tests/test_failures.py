@@ -72,6 +72,7 @@ def test_collect_writes_failures_summary_and_provenance(tmp_path, fake, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["pass_at_1"] == pytest.approx((0 + 1 + 0.5 + 0.25 + 0.75) / 5)
     assert (summary["never_solved"], summary["always_solved"], summary["kept"]) == (0.2, 0.2, 4)
+    assert summary["generated_tokens"] == 5 * 4 * 2                   # queries × samples × 2 fake tokens
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["command"] == "collect-failures"
     assert manifest["verifier_version"] == VERIFIER_VERSION
@@ -127,3 +128,26 @@ def test_load_failures_of_an_unfinished_run_says_how_to_continue(tmp_path):
 def test_bad_budgets_are_user_errors(tmp_path, fake, key):
     with pytest.raises(UserError):
         failures.run(cfg_for(tmp_path, key))
+
+
+def test_cli_end_to_end_on_tiny_random(tmp_path):
+    from typer.testing import CliRunner
+
+    from rrr.cli import app
+
+    result = CliRunner().invoke(app, [
+        "collect-failures", "task=countdown", "model=tiny-random", "model.device=cpu", "engine=hf",
+        "data.limit=3", "collect.samples_per_query=2", "collect.max_tokens=8", "collect.batch_queries=2",
+        "log.progress=false", f"out_root={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "collect-failures").iterdir())
+    df = pd.read_parquet(run / "failures.parquet")
+    assert len(df) == 3 and set(df.n_samples) == {2}     # a random model solves nothing
+    assert {"id", "task", "source", "fields", "pass_rate", "failed_texts", "failed_token_ids",
+            "failed_reasons", "failed_truncated", "prompt_token_ids"} <= set(df.columns)
+    assert len(list((run / "parts").glob("part_*.parquet"))) == 2
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["source"] == "random" and manifest["engine"]["name"] == "hf"
+    examples, attempts = failures.load_failures(run)
+    assert len(examples) == 3 and all(len(ids) <= 8 for ids in attempts[0]["token_ids"])
+    assert "pass@1 0.000" in result.output
