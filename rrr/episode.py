@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Mapping, Sequence
 
+from rrr.config import UserError
 from rrr.engines.base import Sample
 
 
@@ -187,12 +188,21 @@ def assemble(prompt_ids: Sequence[int], attempt1: Sample, feedback: TurnDelta | 
     return retry_prefix(prefix, reflection, reflection, retry).sampled(attempt2, Segment.ATTEMPT2)
 
 
+def prompt_text(prompts_cfg: Mapping, key: str, **fields: Any) -> str:
+    """A prompt text from conf/prompts/ (a str.format template: literal braces are doubled there)."""
+    try:
+        return str(prompts_cfg[key]).format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"prompts.{key} has an unknown or malformed {{field}} ({exc}); "
+                        f"double literal braces: {{{{ }}}}") from None
+
+
 def feedback_text(prompts_cfg: Mapping, verdict_reason: str) -> str:
-    """The feedback turn: the attempt was wrong (+ the verifier's reason when feedback_with_reason)."""
-    text = str(prompts_cfg["feedback"])
+    """The feedback turn: the attempt was wrong, + `feedback_reason` (the verifier's reason) appended
+    as is when `feedback_with_reason` is true."""
+    text = prompt_text(prompts_cfg, "feedback")
     if prompts_cfg.get("feedback_with_reason", False):
-        reason = str(prompts_cfg["feedback_reason"]).format(reason=verdict_reason)
-        text = f"{text.rstrip()}\n\n{reason.strip()}"
+        text += prompt_text(prompts_cfg, "feedback_reason", reason=verdict_reason)
     return text
 
 

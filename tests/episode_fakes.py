@@ -29,7 +29,7 @@ PROMPTS = {
     "user": "Solve {q}.",
     "feedback": "Your answer was wrong. Write a short reflection on what went wrong.",
     "feedback_with_reason": False,
-    "feedback_reason": "The checker said: {reason}",
+    "feedback_reason": " The checker said: {reason}.",
     "retry": "Try again.",
     "retry_no_reflection": "Your answer was wrong. Try again.",
     "generic_reflection": "I should check my work more carefully.",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from episode_fakes import PROMPTS, qwen_style_tokenizer  # noqa: F401  (fixture)
+from rrr.config import UserError
 from rrr.engines.base import Sample
-from rrr.episode import (Episode, Segment, Tokens, assemble, collate, feedback_text, reflection_prefix,
-                         render_ids, retry_prefix, template_sample, user_turn_delta)
+from rrr.episode import (Episode, Segment, Tokens, assemble, collate, feedback_text, prompt_text,
+                         reflection_prefix, render_ids, retry_prefix, template_sample, user_turn_delta)
 
 TEMPLATES = ["smol_tokenizer", "qwen_style_tokenizer"]
 SYSTEM_USER = [{"role": "system", "content": "You solve small puzzles."},
@@ -158,8 +159,14 @@ def test_feedback_and_reflection_go_together(smol_tokenizer):
 
 def test_feedback_text_adds_the_reason_only_when_asked():
     assert feedback_text(PROMPTS, "used 4 twice") == PROMPTS["feedback"]
-    with_reason = feedback_text({**PROMPTS, "feedback_with_reason": True}, "used 4 twice")
-    assert with_reason.startswith(PROMPTS["feedback"]) and with_reason.endswith("The checker said: used 4 twice")
+    with_reason = feedback_text({**PROMPTS, "feedback_with_reason": True}, "used {4} twice")
+    assert with_reason == PROMPTS["feedback"] + " The checker said: used {4} twice."
+
+
+def test_prompt_texts_are_format_templates():
+    assert prompt_text({"retry": 'Reply [{{"name": "f"}}].'}, "retry") == 'Reply [{"name": "f"}].'
+    with pytest.raises(UserError, match="prompts.retry"):
+        prompt_text({"retry": "Reply {name}."}, "retry")
 
 
 def episode(ids: list[int], segs: list[Segment], truncated_reflection: bool = False) -> Episode:

@@ -1,0 +1,244 @@
+"""The reflect-retry rollout: attempt 1 → feedback → G reflections → one retry per reflection → reward.
+
+Every stage is one `engine.generate` call over the whole batch. Each sample's seed derives from
+(run seed, step, example id, sample index, segment), so a run can be replayed (anchors §7 lesson 7).
+A group is exactly G reflections for one fixed (query, failed attempt 1) (lesson 4); a verifier error
+makes a retry unscorable (reward None), never reward 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from rrr.config import UserError
+from rrr.engines.base import Engine, Sample, SamplingParams, derive_seed
+from rrr.episode import (SAMPLED_SEGMENTS, Episode, Segment, Tokens, TurnDelta, feedback_text, prompt_text,
+                         reflection_prefix, render_ids, retry_prefix, template_sample, user_turn_delta)
+from rrr.tasks import Example
+from rrr.verifiers import Verdict
+
+REFLECTION_MODES = ("model", "generic", "none")
+UNSCORABLE = Verdict(False, "unscorable: the verifier raised")   # stands in for a crashed verifier
+
+
+class Attempt(NamedTuple):
+    sample: Sample
+    text: str
+    verdict: Verdict
+
+
+@dataclass
+class RolloutStats:
+    """Generation counts per stage, for throughput logs (generated tokens/s) and unscorable counts."""
+
+    samples: dict[str, int] = field(default_factory=dict)
+    generated_tokens: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    unscorable: int = 0
+
+    def record(self, segment: str, samples: list[list[Sample]], seconds: float) -> None:
+        flat = [s for per_prompt in samples for s in per_prompt]
+        self.samples[segment] = self.samples.get(segment, 0) + len(flat)
+        self.generated_tokens[segment] = self.generated_tokens.get(segment, 0) + sum(len(s.token_ids) for s in flat)
+        self.seconds[segment] = self.seconds.get(segment, 0.0) + seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        secs = sum(self.seconds.values())
+        return sum(self.generated_tokens.values()) / secs if secs > 0 else 0.0
+
+
+def sampling_from_cfg(cfg_node: Mapping) -> dict[str, SamplingParams]:
+    """{attempt1, reflection, attempt2: {max_tokens, temperature, top_p}} → SamplingParams per segment."""
+    out = {}
+    for segment in SAMPLED_SEGMENTS:
+        node = cfg_node.get(segment) if cfg_node is not None else None
+        if node is None or node.get("max_tokens") is None:
+            raise UserError(f"sampling.{segment}.max_tokens is missing; set it, e.g. "
+                            f"train.sampling.{segment}.max_tokens=256")
+        out[segment] = SamplingParams(max_tokens=int(node["max_tokens"]),
+                                      temperature=float(node.get("temperature", 1.0)),
+                                      top_p=float(node.get("top_p", 1.0)))
+    return out
+
+
+def prompt_ids(tokenizer, task, example: Example, prompts_cfg: Mapping) -> list[int]:
+    """The chat-templated task prompt, ending with the assistant generation prompt."""
+    return render_ids(tokenizer, task.messages(example, prompts_cfg), add_generation_prompt=True)
+
+
+def _prompt_ids_by_example(tokenizer, task, examples: Sequence[Example], prompts_cfg: Mapping) -> list[list[int]]:
+    cache: dict[str, list[int]] = {}
+    for ex in examples:
+        if ex.id not in cache:
+            cache[ex.id] = prompt_ids(tokenizer, task, ex, prompts_cfg)
+    return [cache[ex.id] for ex in examples]
+
+
+def _generate(engine: Engine, prompts: list[list[int]], n: int, sampling: SamplingParams,
+              seeds: list[list[int]], segment: str, stats: RolloutStats) -> list[list[Sample]]:
+    start = time.perf_counter()
+    out = engine.generate(prompts, n, sampling, seeds=seeds)
+    stats.record(segment, out, time.perf_counter() - start)
+    if len(out) != len(prompts) or any(len(per_prompt) != n for per_prompt in out):
+        # exact cardinality, or groups silently shrink/grow (AgenticArXiv-RL PR #33, R3L)
+        raise RuntimeError(f"engine returned {[len(p) for p in out]} samples for {len(prompts)} prompts × {n}")
+    return out
+
+
+def _verify(task, example: Example, text: str, stats: RolloutStats) -> Verdict | None:
+    """The task's verdict, or None when the verifier itself fails (unscorable, counted)."""
+    try:
+        return task.verify(example, text)
+    except Exception:  # noqa: BLE001 — any verifier crash is "unscorable", whatever its type
+        stats.unscorable += 1
+        return None
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def sample_attempts(engine: Engine, tokenizer, task, examples: Sequence[Example], prompts_cfg: Mapping,
+                    sampling: SamplingParams, n: int, seed: int, step: int, segment: str = "attempt1",
+                    stats: RolloutStats | None = None) -> list[list[Attempt]]:
+    """n verified samples per example, in one engine call (collect-failures: n = k; evaluation: 1 or 2).
+
+    An attempt the verifier cannot score gets the `UNSCORABLE` verdict and is counted."""
+    stats = stats if stats is not None else RolloutStats()
+    prompts = _prompt_ids_by_example(tokenizer, task, examples, prompts_cfg)
+    seeds = [[derive_seed(seed, step, ex.id, j, segment) for j in range(n)] for ex in examples]
+    samples = _generate(engine, prompts, n, sampling, seeds, segment, stats)
+    out = []
+    for ex, per_example in zip(examples, samples):
+        attempts = []
+        for sample in per_example:
+            text = _decode(tokenizer, sample.token_ids)
+            verdict = _verify(task, ex, text, stats) or UNSCORABLE
+            attempts.append(Attempt(sample, text, verdict))
+        out.append(attempts)
+    return out
+
+
+def _retry_text(prompts_cfg: Mapping, reflection_mode: str, reason: str) -> str:
+    if reflection_mode != "none":
+        return prompt_text(prompts_cfg, "retry")
+    # the no-reflection control hears what the reflection arm heard (reason included) and retries at once
+    text = prompt_text(prompts_cfg, "retry_no_reflection")
+    if prompts_cfg.get("feedback_with_reason", False):
+        text += prompt_text(prompts_cfg, "feedback_reason", reason=reason)
+    return text
+
+
+def reflect_retry(engine: Engine, tokenizer, task, examples: Sequence[Example], attempts1: Sequence[Sample],
+                  prompts_cfg: Mapping, sampling: Mapping[str, SamplingParams], group_size: int, seed: int,
+                  step: int, reflection_mode: str = "model", verdicts1: Sequence[Verdict] | None = None,
+                  stats: RolloutStats | None = None) -> list[list[Episode]]:
+    """For each (example, failed attempt 1): G reflections from one shared prefix, one retry per
+    reflection, reward = 1/0 from the verifier (None when unscorable). Returns G episodes per example.
+
+    reflection_mode: "model" (sampled reflections, the method), "generic" (prompts.generic_reflection
+    as a fixed REFLECTION turn) or "none" (prompts.retry_no_reflection right after attempt 1) — the last
+    two are evaluation controls. `verdicts1` (attempt-1 verdicts) are recomputed when not given.
+    """
+    if reflection_mode not in REFLECTION_MODES:
+        raise UserError(f"unknown reflection mode {reflection_mode!r}; valid: {', '.join(REFLECTION_MODES)}")
+    if len(attempts1) != len(examples) or (verdicts1 is not None and len(verdicts1) != len(examples)):
+        raise ValueError("reflect_retry needs one attempt 1 (and verdict) per example")
+    if group_size < 1:
+        raise UserError(f"group_size must be >= 1, got {group_size}")
+    stats = stats if stats is not None else RolloutStats()
+    prompts = _prompt_ids_by_example(tokenizer, task, examples, prompts_cfg)
+    if verdicts1 is None:
+        verdicts1 = [_verify(task, ex, _decode(tokenizer, a.token_ids), stats)
+                     or UNSCORABLE for ex, a in zip(examples, attempts1)]
+    G = group_size
+
+    # Reflect: one prefix per example, G samples each (one engine call for the whole batch).
+    feedbacks: list[TurnDelta | None] = []
+    prefixes: list[Tokens] = []
+    for p_ids, a1, v1 in zip(prompts, attempts1, verdicts1):
+        if reflection_mode == "none":
+            feedbacks.append(None)
+            prefixes.append(Tokens().template(p_ids, Segment.PROMPT).sampled(a1, Segment.ATTEMPT1))
+        else:
+            fb = user_turn_delta(tokenizer, feedback_text(prompts_cfg, v1.reason))
+            feedbacks.append(fb)
+            prefixes.append(reflection_prefix(p_ids, a1, fb))
+    if reflection_mode == "model":
+        seeds = [[derive_seed(seed, step, ex.id, g, "reflection") for g in range(G)] for ex in examples]
+        reflections: list[list[Sample | None]] = _generate(
+            engine, [list(p.ids) for p in prefixes], G, sampling["reflection"], seeds, "reflection", stats)
+    elif reflection_mode == "generic":
+        generic = template_sample(tokenizer, prompt_text(prompts_cfg, "generic_reflection"),
+                                  user_turn_delta(tokenizer, prompt_text(prompts_cfg, "retry")).end_of_turn)
+        reflections = [[generic] * G for _ in examples]
+    else:
+        reflections = [[None] * G for _ in examples]
+
+    # Retry: one attempt 2 per reflection.
+    retry_prefixes: list[Tokens] = []
+    for prefix, a1, v1, refl in zip(prefixes, attempts1, verdicts1, reflections):
+        retry = user_turn_delta(tokenizer, _retry_text(prompts_cfg, reflection_mode, v1.reason))
+        retry_prefixes += [retry_prefix(prefix, r, r if r is not None else a1, retry) for r in refl]
+    seeds = [[derive_seed(seed, step, ex.id, g, "attempt2")] for ex in examples for g in range(G)]
+    attempts2 = _generate(engine, [list(p.ids) for p in retry_prefixes], 1, sampling["attempt2"], seeds,
+                          "attempt2", stats)
+
+    # Reward: verify each retry.
+    episodes = []
+    for i, (ex, a1, v1) in enumerate(zip(examples, attempts1, verdicts1)):
+        group = []
+        for g in range(G):
+            a2 = attempts2[i * G + g][0]
+            tokens = retry_prefixes[i * G + g].sampled(a2, Segment.ATTEMPT2)
+            text2 = _decode(tokenizer, a2.token_ids)
+            v2 = _verify(task, ex, text2, stats)
+            refl = reflections[i][g]
+            truncated = {"attempt1": a1.truncated, "attempt2": a2.truncated}
+            texts = {"attempt1": _decode(tokenizer, a1.token_ids), "attempt2": text2}
+            if refl is not None:
+                truncated["reflection"] = refl.truncated
+                texts["reflection"] = _decode(tokenizer, refl.token_ids)
+            group.append(Episode(
+                example_id=ex.id, group_index=i, sample_index=g, token_ids=list(tokens.ids),
+                segment_ids=list(tokens.segments), sampler_logprobs=list(tokens.logprobs),
+                truncated=truncated, texts=texts, attempt1_correct=v1.correct,
+                attempt2_correct=None if v2 is None else v2.correct,
+                reward=None if v2 is None else float(v2.correct),
+                reasons={"attempt1": v1.reason, "attempt2": UNSCORABLE.reason if v2 is None else v2.reason},
+            ))
+        episodes.append(group)
+    return episodes
+
+
+def rollout_online(engine: Engine, tokenizer, task, examples: Sequence[Example], prompts_cfg: Mapping,
+                   sampling: Mapping[str, SamplingParams], group_size: int, seed: int, step: int,
+                   reflection_mode: str = "model", stats: RolloutStats | None = None) -> list[list[Episode]]:
+    """Online attempt 1: sample once per example and verify. A passing (or unscorable) attempt 1 ends the
+    episode: the example gets a single episode with no retry (no reflection, no gradient). Failures go
+    through `reflect_retry` and get exactly `group_size` episodes."""
+    stats = stats if stats is not None else RolloutStats()
+    attempts = [a[0] for a in sample_attempts(engine, tokenizer, task, examples, prompts_cfg,
+                                              sampling["attempt1"], 1, seed, step, "attempt1", stats)]
+    failed = [i for i, a in enumerate(attempts) if not a.verdict.correct and a.verdict != UNSCORABLE]
+    groups = reflect_retry(engine, tokenizer, task, [examples[i] for i in failed],
+                           [attempts[i].sample for i in failed], prompts_cfg, sampling, group_size, seed, step,
+                           reflection_mode, [attempts[i].verdict for i in failed], stats) if failed else []
+    by_index = dict(zip(failed, groups))
+    out = []
+    for i, (ex, a) in enumerate(zip(examples, attempts)):
+        if i in by_index:
+            for ep in by_index[i]:
+                ep.group_index = i   # index in this batch, not in the failed subset
+            out.append(by_index[i])
+            continue
+        tokens = Tokens().template(prompt_ids(tokenizer, task, ex, prompts_cfg), Segment.PROMPT).sampled(
+            a.sample, Segment.ATTEMPT1)
+        out.append([Episode(example_id=ex.id, group_index=i, sample_index=0, token_ids=list(tokens.ids),
+                            segment_ids=list(tokens.segments), sampler_logprobs=list(tokens.logprobs),
+                            truncated={"attempt1": a.sample.truncated}, texts={"attempt1": a.text},
+                            attempt1_correct=a.verdict.correct, reasons={"attempt1": a.verdict.reason})])
+    return out
