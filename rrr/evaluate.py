@@ -238,7 +238,7 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"no {cfg.task.name} examples in split {cfg.eval.split!r}; check eval.split / eval.limit")
     run_dir = new_run_dir(cfg, COMMAND)
     fp = fingerprint(cfg)
-    check_resumable(run_dir, fp)
+    check_resumable(run_dir, COMMAND, fp)
     model_path = cfg.model.get("path")
     label = "trained" if model_path else "vanilla"
     write_run_files(run_dir, cfg, COMMAND, extra={

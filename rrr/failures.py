@@ -68,13 +68,15 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def check_resumable(run: Path, fp: dict[str, Any]) -> None:
+def check_resumable(run: Path, command: str, fp: dict[str, Any]) -> None:
     manifest = run / "manifest.json"
     if not manifest.exists():
         return
-    old = json.loads(manifest.read_text()).get("resume_fingerprint")
-    if old is not None and old != fp:
-        changed = sorted(k for k in fp if old.get(k) != fp[k])
+    old = json.loads(manifest.read_text())
+    if old.get("command") != command:
+        raise UserError(f"{run} is a {old.get('command')!r} run, not {command!r}; pass a {command} run_dir or none")
+    if old.get("resume_fingerprint") not in (None, fp):
+        changed = sorted(k for k in fp if old["resume_fingerprint"].get(k) != fp[k])
         raise UserError(f"{run} was run with different settings ({', '.join(changed)}); "
                         "use the same overrides to continue it, or drop run_dir=... to start a new run")
 
@@ -83,14 +85,21 @@ def check_resumable(run: Path, fp: dict[str, Any]) -> None:
 
 def query_row(example: Example, attempts: Sequence[Any], prompt_token_ids: Sequence[int],
               keep: int) -> dict[str, Any]:
-    """One row per query: counts, pass rate, and the first `keep` failed attempts (sample order)."""
-    failed = [a for a in attempts if not a.verdict.correct][:keep]
-    n, n_correct = len(attempts), sum(bool(a.verdict.correct) for a in attempts)
+    """One row per query: counts, pass rate, and the first `keep` failed attempts (sample order).
+
+    An attempt the verifier could not score (rollout's UNSCORABLE verdict) is neither a pass nor a
+    failure: it is counted apart and left out of the pass rate and the stored failures."""
+    from rrr.rollout import UNSCORABLE
+
+    scored = [a for a in attempts if a.verdict is not UNSCORABLE]
+    failed = [a for a in scored if not a.verdict.correct][:keep]
+    n_correct = sum(bool(a.verdict.correct) for a in scored)
     return {
         **example.to_row(),
-        "n_samples": n,
+        "n_samples": len(scored),
         "n_correct": n_correct,
-        "pass_rate": n_correct / n if n else 0.0,
+        "n_unscorable": len(attempts) - len(scored),
+        "pass_rate": n_correct / len(scored) if scored else float("nan"),
         "failed_texts": [a.text for a in failed],
         "failed_token_ids": [list(map(int, a.sample.token_ids)) for a in failed],
         "failed_reasons": [a.verdict.reason for a in failed],
@@ -100,28 +109,25 @@ def query_row(example: Example, attempts: Sequence[Any], prompt_token_ids: Seque
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
-    """pass@1 estimate = mean per-query pass rate (unbiased for one sample at the collect temperature)."""
-    n = len(df)
-    if n == 0:
-        return {"queries": 0, "pass_at_1": None, "never_solved": None, "always_solved": None, "kept": 0,
-                "samples": 0}
+    """pass@1 estimate = mean per-query pass rate (unbiased for one sample at the collect temperature).
+    Shares are over the queries with at least one scored sample."""
+    scored = df[df.n_samples > 0]
     return {
-        "queries": n,
+        "queries": len(df),
         "samples": int(df.n_samples.sum()),
-        "pass_at_1": float(df.pass_rate.mean()),
-        "never_solved": float((df.n_correct == 0).mean()),
-        "always_solved": float((df.n_correct == df.n_samples).mean()),
+        "unscorable": int(df.n_unscorable.sum()),
+        "pass_at_1": float(scored.pass_rate.mean()),
+        "never_solved": float((scored.n_correct == 0).mean()),
+        "always_solved": float((scored.n_correct == scored.n_samples).mean()),
         "kept": int((df.n_correct < df.n_samples).sum()),
     }
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    if not s["queries"]:
-        return "collect-failures: no queries"
     return (f"queries {s['queries']}  samples {s['samples']}  pass@1 {s['pass_at_1']:.3f}  "
             f"never solved {s['never_solved']:.1%}  always solved {s['always_solved']:.1%}  "
-            f"kept (>=1 failure) {s['kept']}  generated {s['generated_tokens']} tokens "
-            f"({s['tokens_per_s']} tokens/s)")
+            f"kept (>=1 failure) {s['kept']}  unscorable samples {s['unscorable']}  "
+            f"generated {s['generated_tokens']} tokens ({s['tokens_per_s']} tokens/s)")
 
 
 # ----------------------------------------------------------------------------- parts (crash safety)
@@ -214,7 +220,7 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"no {cfg.task.name} examples in split {cfg.data.split!r}; check data.split / data.limit")
     run_dir = new_run_dir(cfg, COMMAND)
     fp = fingerprint(cfg)
-    check_resumable(run_dir, fp)
+    check_resumable(run_dir, COMMAND, fp)
     write_run_files(run_dir, cfg, COMMAND, extra={
         "resume_fingerprint": fp,
         "task": cfg.task.name,

@@ -10,7 +10,7 @@ from typing import Any
 
 from rrr.engines.base import Sample, derive_seed
 from rrr.episode import Segment
-from rrr.rollout import RolloutStats
+from rrr.rollout import UNSCORABLE, RolloutStats
 from rrr.tasks import Example
 from rrr.verifiers import Verdict
 
@@ -106,4 +106,4 @@ def reflect_retry(engine, tokenizer, task, examples, attempts1, prompts_cfg, sam
 
 
 fake_rollout = SimpleNamespace(prompt_ids=prompt_ids, sample_attempts=sample_attempts, reflect_retry=reflect_retry,
-                               RolloutStats=RolloutStats)
+                               RolloutStats=RolloutStats, UNSCORABLE=UNSCORABLE)

@@ -58,6 +58,15 @@ def test_query_row_keeps_the_first_failed_attempts_in_sample_order():
     assert json.loads(row["fields"]) == ex.fields
 
 
+def test_unscorable_attempts_are_neither_passes_nor_kept_failures():
+    from rrr.rollout import UNSCORABLE
+
+    crashed = SimpleNamespace(sample=Sample([5]), text="t5", verdict=UNSCORABLE)
+    row = failures.query_row(make_examples([{}])[0], [crashed, attempt(True, [2]), attempt(False, [3])], [9], 4)
+    assert (row["n_samples"], row["n_correct"], row["n_unscorable"], row["pass_rate"]) == (2, 1, 1, 0.5)
+    assert row["failed_token_ids"] == [[3]]
+
+
 def test_collect_writes_failures_summary_and_provenance(tmp_path, fake, capsys):
     run = failures.run(cfg_for(tmp_path))
     df = pd.read_parquet(run / "failures.parquet")
@@ -106,6 +115,10 @@ def test_resume_refuses_different_settings(tmp_path, fake):
     run = failures.run(cfg_for(tmp_path))
     with pytest.raises(UserError, match="samples_per_query"):
         failures.run(cfg_for(tmp_path, f"run_dir={run}", "collect.samples_per_query=8"))
+    (tmp_path / "train_run").mkdir()
+    (tmp_path / "train_run" / "manifest.json").write_text('{"command": "train"}')
+    with pytest.raises(UserError, match="'train' run"):
+        failures.run(cfg_for(tmp_path, f"run_dir={tmp_path / 'train_run'}"))
 
 
 def test_load_failures_returns_examples_and_stored_attempts(tmp_path, fake):
