@@ -11,6 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: on a busy shared CPU, OpenMP threads contending for cores made tiny-model
+# forwards ~50x slower (12 s vs 0.2 s for the same generate call). Set OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +22,13 @@ def smol_tokenizer():
     from rrr.models import load_tokenizer_only
 
     return load_tokenizer_only("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """(model, tokenizer) of `model=tiny-random`: a seeded 2-layer Llama (fp32, CPU, eval mode) with the
+    SmolLM2 tokenizer. Session-scoped: tests that change its weights or mode must restore them."""
+    from rrr.config import compose
+    from rrr.models import load_model
+
+    return load_model(compose(["model=tiny-random", "model.device=cpu"]).model)

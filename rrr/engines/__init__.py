@@ -1,0 +1,36 @@
+"""Generation engines behind one interface (`rrr.engines.base.Engine`): `hf` (transformers, CPU/GPU)
+and `vllm` (vLLM offline LLM, optional import)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from rrr.config import UserError
+from rrr.engines.base import Engine, Sample, SamplingParams, derive_seed
+
+__all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "derive_seed"]
+
+
+def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
+    """The engine named by `cfg.engine.name`, sampling from `model` (hf shares the object; vllm loads
+    the base weights itself and gets LoRA-merged weights pushed when `model` carries adapters)."""
+    from rrr.engines.hf import HFEngine, stop_token_ids
+
+    name = cfg.engine.name
+    if name == "hf":
+        return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size))
+    if name == "vllm":
+        from rrr.engines.vllm import VLLMEngine
+        from rrr.models import resolve_device, resolve_dtype, weights_source
+
+        source, revision = weights_source(cfg.model)
+        dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
+        engine = VLLMEngine(source, revision=revision, stop_ids=stop_token_ids(tokenizer), dtype=dtype,
+                            seed=int(cfg.seed), max_model_len=int(cfg.model.max_context),
+                            gpu_memory_utilization=float(cfg.engine.gpu_memory_utilization),
+                            enable_prefix_caching=bool(cfg.engine.enable_prefix_caching),
+                            enforce_eager=bool(cfg.engine.enforce_eager))
+        if hasattr(model, "merge_adapter"):     # adapters (e.g. a checkpoint): vLLM holds only the base
+            engine.load_weights(model)
+        return engine
+    raise UserError(f"engine={name!r} is not one of hf, vllm")

@@ -1,0 +1,333 @@
+"""Engines: the HF engine on the tiny random model, the vLLM engine against a fake `vllm` module."""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from rrr.config import UserError, compose
+from rrr.engines import SamplingParams, build_engine
+from rrr.engines.hf import HFEngine, _top_p, sample_tokens, stop_token_ids
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+HOT = SamplingParams(max_tokens=8, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    _, tok = tiny_model
+    chat = [[{"role": "user", "content": text}] for text in ("What is 2 + 3?", "Hi")]
+    return [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)
+                 ["input_ids"]) for c in chat]
+
+
+@pytest.fixture
+def engine(tiny_model):
+    model, tok = tiny_model
+    return HFEngine(model, tok, batch_size=4)
+
+
+def teacher_forced_logprobs(model, prompt: list[int], sampled: list[int], temperature: float) -> list[float]:
+    ids = torch.tensor([prompt + sampled])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()          # [T, V]
+    logp = torch.log_softmax(logits / temperature, -1)
+    return logp.gather(-1, torch.tensor(sampled).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+# ----------------------------------------------------------------------------- HF engine
+
+def test_shapes_and_length_finish(engine, prompts):
+    out = engine.generate(prompts, 3, SamplingParams(max_tokens=5), seeds=[[1, 2, 3], [4, 5, 6]])
+    assert [len(row) for row in out] == [3, 3]
+    for s in (s for row in out for s in row):
+        assert len(s.token_ids) == len(s.logprobs) == 5
+        assert s.finish_reason == "length" and s.truncated
+        assert all(lp <= 0 for lp in s.logprobs)
+
+
+def test_stops_at_end_of_turn_and_keeps_it(tiny_model, prompts):
+    model, tok = tiny_model
+    greedy = HFEngine(model, tok).generate(prompts[:1], 1, GREEDY)[0][0].token_ids
+    stop = greedy[2]
+    expected = greedy[:greedy.index(stop) + 1]
+    s = HFEngine(model, tok, stop_ids=[stop]).generate(prompts[:1], 1, GREEDY)[0][0]
+    assert s.token_ids == expected and s.finish_reason == "stop" and len(s.logprobs) == len(expected)
+
+
+def test_rows_that_stop_leave_the_batch_without_disturbing_the_others(tiny_model, prompts):
+    model, tok = tiny_model
+    alone = HFEngine(model, tok).generate(prompts[1:], 1, GREEDY)[0][0]
+    stop = HFEngine(model, tok).generate(prompts[:1], 1, GREEDY)[0][0].token_ids[1]
+    if stop in alone.token_ids:
+        pytest.skip("the two greedy continuations share a token")
+    both = HFEngine(model, tok, stop_ids=[stop]).generate(prompts, 1, GREEDY)
+    assert both[0][0].finish_reason == "stop" and len(both[0][0].token_ids) <= 2
+    assert both[1][0].token_ids == alone.token_ids
+    assert both[1][0].logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_same_seed_same_sample_different_seed_different(engine, prompts):
+    a = engine.generate(prompts, 2, HOT, seeds=[[7, 8], [9, 10]])
+    b = engine.generate(prompts, 2, HOT, seeds=[[7, 8], [9, 10]])
+    c = engine.generate(prompts, 2, HOT, seeds=[[11, 12], [13, 14]])
+    ids = lambda out: [s.token_ids for row in out for s in row]  # noqa: E731
+    assert ids(a) == ids(b)
+    assert all(x != y for x, y in zip(ids(a), ids(c)))
+    assert a[0][0].token_ids != a[0][1].token_ids             # two samples of one prompt differ
+
+
+def test_a_sample_does_not_depend_on_its_batch(tiny_model, prompts):
+    model, tok = tiny_model
+    together = HFEngine(model, tok, batch_size=8).generate(prompts, 2, HOT, seeds=[[1, 2], [3, 4]])
+    one_by_one = HFEngine(model, tok, batch_size=1).generate(prompts, 2, HOT, seeds=[[1, 2], [3, 4]])
+    second_alone = HFEngine(model, tok).generate(prompts[1:], 1, HOT, seeds=[[4]])
+    assert [s.token_ids for r in together for s in r] == [s.token_ids for r in one_by_one for s in r]
+    assert together[1][1].token_ids == second_alone[0][0].token_ids
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 0.0])
+def test_sampler_logprobs_match_a_teacher_forced_forward(tiny_model, prompts, temperature):
+    model, tok = tiny_model
+    params = SamplingParams(max_tokens=6, temperature=temperature)
+    out = HFEngine(model, tok).generate(prompts, 2, params, seeds=[[1, 2], [3, 4]])
+    for prompt, row in zip(prompts, out):
+        for s in row:
+            expected = teacher_forced_logprobs(model, prompt, s.token_ids, temperature or 1.0)
+            assert s.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_left_padding_does_not_change_a_prompt(tiny_model, prompts):
+    model, tok = tiny_model
+    short = prompts[1]
+    assert len(short) < len(prompts[0])                       # so it gets padded in the batch
+    padded = HFEngine(model, tok).generate(prompts, 1, GREEDY)[1][0]
+    alone = HFEngine(model, tok).generate([short], 1, GREEDY)[0][0]
+    assert padded.token_ids == alone.token_ids
+    assert padded.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_n_samples_share_one_prefill_per_unique_prompt(tiny_model, prompts):
+    model, tok = tiny_model
+    batch_sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        HFEngine(model, tok).generate([prompts[0], prompts[1], prompts[0]], 4, SamplingParams(max_tokens=2))
+    finally:
+        handle.remove()
+    assert batch_sizes[0][0] == 2                             # prefill: two unique prompts
+    assert batch_sizes[1] == (12, 1)                          # decode: 3 prompts x 4 samples, one token
+
+
+def test_generation_runs_in_eval_mode_and_restores_train_mode(tiny_model, prompts):
+    model, tok = tiny_model
+    modes: list[bool] = []
+    handle = model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    model.train()
+    try:
+        HFEngine(model, tok).generate(prompts[:1], 1, SamplingParams(max_tokens=2))
+        assert model.training
+    finally:
+        handle.remove()
+        model.eval()
+    assert modes and not any(modes)
+
+
+def test_tiny_top_p_is_greedy(engine, prompts):
+    greedy = engine.generate(prompts, 1, GREEDY)
+    nucleus = engine.generate(prompts, 2, SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6))
+    for g, row in zip(greedy, nucleus):
+        assert all(s.token_ids == g[0].token_ids for s in row)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    kept = lambda p: (_top_p(probs, p) > 0).tolist()[0]  # noqa: E731
+    assert kept(0.4) == [False, True, False, False]
+    assert kept(0.7) == kept(0.79) == [False, True, False, True]
+    assert kept(0.81) == [True, True, False, True]
+    assert torch.equal(_top_p(probs, 0.7)[0, [1, 3]], probs[0, [1, 3]])
+
+
+def test_sampling_follows_the_temperature_scaled_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0]).repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    tokens, logp = sample_tokens(logits, SamplingParams(max_tokens=1, temperature=2.0), gens)
+    expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]) / 2.0, -1)
+    freq = torch.bincount(tokens, minlength=3).float() / 4000
+    assert torch.allclose(freq, expected, atol=0.03)
+    assert torch.allclose(logp, expected.log()[tokens])
+
+
+def test_seed_shape_is_checked(engine, prompts):
+    with pytest.raises(ValueError, match="seeds"):
+        engine.generate(prompts, 2, HOT, seeds=[[1, 2]])
+
+
+def test_stop_tokens_of_the_smollm2_tokenizer(smol_tokenizer):
+    ids = stop_token_ids(smol_tokenizer)
+    assert smol_tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and smol_tokenizer.eos_token_id in ids
+
+
+def test_load_weights_is_free_for_the_same_model_and_copies_another(tiny_model):
+    model, tok = tiny_model
+    engine = HFEngine(copy.deepcopy(model), tok)
+    engine.load_weights(engine.model)                         # same object: nothing to do
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        trained.model.embed_tokens.weight.add_(1.0)
+    engine.load_weights(trained)
+    assert torch.equal(engine.model.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+    assert engine.model is not trained
+
+
+def test_build_engine_hf_uses_the_batch_size(tiny_model):
+    model, tok = tiny_model
+    engine = build_engine(compose(["model=tiny-random", "engine.batch_size=3"]), model, tok)
+    assert isinstance(engine, HFEngine) and engine.batch_size == 3 and engine.model is model
+
+
+# ----------------------------------------------------------------------------- vLLM engine (fake vllm)
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class FakeRunnerModel:
+    def __init__(self):
+        self.loaded: list[list[tuple[str, torch.Tensor]]] = []
+
+    def load_weights(self, weights):
+        self.loaded.append([(name, t.clone()) for name, t in weights])
+
+
+class FakeLLM:
+    """Mimics vllm.LLM: per-request seeded outputs; a request stops when it samples a stop id."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls: list[tuple[list, list]] = []
+        self.prefix_cache_resets = 0
+        runner = types.SimpleNamespace(model=FakeRunnerModel())
+        self.llm_engine = types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner)))
+
+    def generate(self, requests, params, use_tqdm=True):
+        self.calls.append((requests, params))
+        outputs = []
+        for req, p in zip(requests, params):
+            rng = random.Random(p.seed)
+            ids: list[int] = []
+            finish = "length"
+            while len(ids) < p.max_tokens:
+                ids.append(rng.choice([5, 6, 7, *p.stop_token_ids]))
+                if ids[-1] in p.stop_token_ids:
+                    finish = "stop"
+                    break
+            logprobs = [{t: FakeLogprob(-0.5 * (i + 1)), 999: FakeLogprob(-9.0)} for i, t in enumerate(ids)]
+            completion = types.SimpleNamespace(token_ids=ids, logprobs=logprobs, finish_reason=finish)
+            outputs.append(types.SimpleNamespace(prompt_token_ids=req["prompt_token_ids"], outputs=[completion]))
+        return outputs
+
+    def reset_prefix_cache(self):
+        self.prefix_cache_resets += 1
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def make_vllm_engine(**overrides):
+    from rrr.engines.vllm import VLLMEngine
+
+    kwargs = dict(revision=None, stop_ids=[2], dtype="bfloat16", seed=0, max_model_len=2048,
+                  gpu_memory_utilization=0.3, enable_prefix_caching=True, enforce_eager=False)
+    kwargs.update(overrides)
+    return VLLMEngine("/models/x", **kwargs)
+
+
+def test_vllm_requests_are_token_ids_with_one_seed_each(fake_vllm):
+    engine = make_vllm_engine()
+    sampling = SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9)
+    out = engine.generate([[1, 2, 3], [4]], 2, sampling, seeds=[[10, 11], [12, 13]])
+    requests, params = engine.llm.calls[0]
+    assert requests == [{"prompt_token_ids": [1, 2, 3]}] * 2 + [{"prompt_token_ids": [4]}] * 2
+    assert [p.seed for p in params] == [10, 11, 12, 13]
+    assert all((p.n, p.logprobs, p.max_tokens, p.temperature, p.top_p, p.stop_token_ids)
+               == (1, 0, 6, 0.7, 0.9, [2]) for p in params)
+    assert engine.llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert engine.llm.kwargs["model"] == "/models/x" and engine.llm.kwargs["enable_prefix_caching"]
+    assert [len(row) for row in out] == [2, 2]
+    for s in (s for row in out for s in row):
+        assert s.logprobs == [-0.5 * (i + 1) for i in range(len(s.token_ids))]    # the sampled token's
+        assert (s.finish_reason == "stop") == (s.token_ids[-1] == 2)
+        assert s.finish_reason == "stop" or len(s.token_ids) == 6
+
+
+def test_vllm_same_seeds_replay(fake_vllm):
+    engine = make_vllm_engine()
+    a = engine.generate([[1]], 3, HOT, seeds=[[1, 2, 3]])
+    b = engine.generate([[1]], 3, HOT, seeds=[[1, 2, 3]])
+    assert [s.token_ids for s in a[0]] == [s.token_ids for s in b[0]]
+
+
+def test_vllm_load_weights_pushes_merged_lora_under_base_names_then_unmerges(fake_vllm, tiny_model):
+    from rrr.models import apply_lora
+
+    model, _ = tiny_model
+    peft_model = apply_lora(copy.deepcopy(model), compose(["model=tiny-random"]).model)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    before = {n: p.clone() for n, p in peft_model.named_parameters()}
+
+    engine = make_vllm_engine()
+    engine.load_weights(peft_model)
+    pushed = dict(engine.llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded[0])
+    assert set(pushed) == {n for n, _ in copy.deepcopy(peft_model).merge_and_unload().named_parameters()}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(pushed[q], merged[q]) and not torch.allclose(pushed[q], model.state_dict()[q])
+    assert all(torch.allclose(p, before[n], atol=1e-5) for n, p in peft_model.named_parameters())  # unmerged
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules())
+    assert engine.llm.prefix_cache_resets == 1
+
+
+def test_vllm_missing_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(UserError, match="engine=hf"):
+        make_vllm_engine()
+
+
+def test_build_engine_vllm_pushes_adapters(fake_vllm, tiny_model, monkeypatch):
+    import rrr.models
+    from rrr.engines.vllm import VLLMEngine
+    from rrr.models import apply_lora
+
+    monkeypatch.setattr(rrr.models, "weights_source", lambda cfg: ("/base", "abc123"))
+    cfg = compose(["model=tiny-random", "engine=vllm", "model.device=cpu", "seed=5"])
+    model, tok = tiny_model
+    engine = build_engine(cfg, apply_lora(copy.deepcopy(model), cfg.model), tok)
+    assert isinstance(engine, VLLMEngine)
+    assert (engine.llm.kwargs["model"], engine.llm.kwargs["revision"], engine.llm.kwargs["seed"],
+            engine.llm.kwargs["dtype"]) == ("/base", "abc123", 5, "float32")
+    assert engine.stop_ids == stop_token_ids(tok)
+    assert len(engine.llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded) == 1
