@@ -107,8 +107,7 @@ def first_try_row(example: Example, attempt: Any, controls: Sequence[str]) -> di
 
 
 def reflection_ids(episode: Any) -> list[int]:
-    seg = np.asarray(episode.segment_ids)
-    return [int(t) for t, s in zip(episode.token_ids, seg) if s == Segment.REFLECTION]
+    return [int(t) for t, s in zip(episode.token_ids, episode.segment_ids) if s == Segment.REFLECTION]
 
 
 def retry_columns(episode: Any) -> dict[str, Any]:
@@ -130,8 +129,7 @@ def control_columns(control: str, text: str, reason: str, correct: bool) -> dict
 
 
 def _reason(episode: Any, segment: str) -> str:
-    reasons = episode.reasons
-    return str(reasons.get(segment, "")) if isinstance(reasons, dict) else str(reasons)
+    return str(episode.reasons.get(segment, ""))
 
 
 def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example], cfg: DictConfig,
