@@ -51,7 +51,12 @@ class EvalRun:
     reflection: dict[str, Any]       # summary.json["reflection"]
     train_run: Path | None           # where metrics.jsonl lives (None if vanilla or not found)
     train_note: str = ""             # why there are no training curves, if the manifest named a run
-    name: str = ""                   # row label in tables and plots, unique across the comparison
+    tag: str = ""                    # label, plus the run directory's name when that label repeats
+
+    @property
+    def name(self) -> str:
+        """Row label in tables and plots, unique across the comparison."""
+        return f"{self.model} {self.tag}"
 
 
 # ---------------------------------------------------------------- reading runs
@@ -151,9 +156,7 @@ def _name_runs(runs: list[EvalRun]) -> list[EvalRun]:
     runs = sorted(runs, key=lambda r: (first_seen[r.model], LABEL_ORDER.get(r.label, 2)))
     counts = pd.Series([(r.model, r.label) for r in runs]).value_counts()
     for r in runs:
-        r.name = f"{r.model} {r.label}"
-        if counts[(r.model, r.label)] > 1:
-            r.name += f" ({r.path.name})"
+        r.tag = r.label + (f" ({r.path.name})" if counts[(r.model, r.label)] > 1 else "")
     return runs
 
 
@@ -163,7 +166,8 @@ def accuracy_table(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
     """One row per run: n and, per metric, acc/lo/hi (NaN where the run lacks that control)."""
     rows = []
     for r in runs:
-        row: dict[str, Any] = {"run": r.name, "model": r.model, "label": r.label, "n": len(r.outcomes)}
+        row: dict[str, Any] = {"run": r.name, "model": r.model, "label": r.label, "tag": r.tag,
+                               "n": len(r.outcomes)}
         for key in METRICS:
             acc, lo, hi = bootstrap_ci(r.outcomes[key], n_boot) if key in r.outcomes else (np.nan,) * 3
             row.update({key: acc, f"{key}_lo": lo, f"{key}_hi": hi})
@@ -225,7 +229,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def accuracy_markdown(acc: pd.DataFrame) -> str:
     header = ["model", "label", "n"] + [title for _, title in METRICS.values()] + ["failures fixed (%)"]
-    rows = [[row.model, row.label, str(row.n)]
+    rows = [[row.model, row.tag, str(row.n)]
             + [_pct(row[k], row[f"{k}_lo"], row[f"{k}_hi"]) for k in METRICS]
             + ["—" if np.isnan(row.fixed_by_reflection) else f"{100 * row.fixed_by_reflection:.1f}"]
             for _, row in acc.iterrows()]
@@ -269,13 +273,14 @@ def plot_accuracy(acc: pd.DataFrame, title: str, path: Path) -> None:
     keys = [k for k in METRICS if acc[k].notna().any()]
     width = 0.8 / len(keys)
     x = np.arange(len(acc))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 1.3 * len(acc) * len(keys) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(float(np.clip(2 + 1.1 * len(acc), 6, 16)), 4.5))
     for i, key in enumerate(keys):
         vals = 100 * acc[key].to_numpy()
         err = 100 * np.vstack([acc[key] - acc[f"{key}_lo"], acc[f"{key}_hi"] - acc[key]])
         ax.bar(x - 0.4 + width * (i + 0.5), vals, width, yerr=err, capsize=2, color=COLORS[key],
                label=METRICS[key][1], error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
-    ax.set_xticks(x, [f"{m}\n{lab}" for m, lab in zip(acc.model, acc.label)], fontsize=9)
+    ax.set_xticks(x, [f"{m}\n{tag}" for m, tag in zip(acc.model, acc.tag)], fontsize=9)
+    ax.set_xlim(-0.6, len(acc) - 0.4)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, min(100.0, 100 * float(np.nanmax(acc[[f"{k}_hi" for k in keys]].to_numpy())) * 1.15 + 2))
     ax.set_title(title, fontsize=10)
