@@ -15,7 +15,7 @@ LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "token_sum_norm")
 
 
 def zero_std_groups(rewards: Tensor) -> Tensor:
-    """[Q, G] rewards (NaN = unscorable) -> [Q] bool: the scorable rewards do not vary (incl. < 2 scorable)."""
+    """[Q, G] rewards (NaN = unscorable) -> [Q] bool: scorable rewards do not vary (or < 2 scorable)."""
     scorable = ~rewards.isnan()
     high = torch.where(scorable, rewards, -torch.inf).amax(-1)  # [Q]
     low = torch.where(scorable, rewards, torch.inf).amin(-1)  # [Q]
@@ -51,7 +51,7 @@ def reflection_loss_mask(segment_ids: Tensor, reflection_truncated: Tensor) -> T
 def policy_loss(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float, eps_high: float
 ) -> Tensor:
-    """PPO-clip per token (Schulman et al. 2017, eq. 7; ε_high from DAPO): −min(ρA, clip(ρ, 1−ε, 1+ε_high)A).
+    """PPO-clip per token (Schulman et al. 2017 eq. 7; ε_high: DAPO): −min(ρA, clip(ρ, 1−ε, 1+ε_high)A).
 
     ρ = exp(logp − old_logp). logp/old_logp/mask [B, T], advantages [B] -> [B, T], 0 outside the mask.
     Off-mask values are replaced before any arithmetic, so NaN/inf there reach neither loss nor grads.
@@ -65,8 +65,8 @@ def policy_loss(
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL(π‖π_ref) estimate [B, T] (Schulman, "Approximating KL divergence", 2020).
 
-    k1 = logπ − logπ_ref (unbiased, can be negative); k3 = exp(logπ_ref − logπ) − (logπ_ref − logπ) − 1
-    (unbiased, always ≥ 0; GRPO's choice).
+    k1 = logπ − logπ_ref (unbiased, can be negative);
+    k3 = exp(logπ_ref − logπ) − (logπ_ref − logπ) − 1 (unbiased, always ≥ 0; GRPO's choice).
     """
     delta = ref_logp - logp  # [B, T]
     if kind == "k1":
@@ -140,30 +140,33 @@ def grpo_loss(
     """GRPO objective on reflection tokens: aggregate(policy_loss + β·KL) -> (scalar loss, stats).
 
     logp/old_logp/ref_logp/mask/entropy [B, T], advantages [B]. old_logp None = on-policy (μ = 1):
-    ρ = 1 in value, gradient A·∇logπ. ref_logp may be None when β = 0. Stats are detached floats:
-    policy_loss and kl use the loss's normaliser (sum them over micro-batches); ratio_mean,
-    clip_frac_low/high and entropy are means over this call's reflection tokens (weight by
-    reflection_tokens to combine); ratio_max is a max.
+    ρ = 1 in value, gradient A·∇logπ. ref_logp may be None when β = 0 (then no "kl" stat).
+    Stats are detached floats: policy_loss and kl use the loss's normaliser (sum them over
+    micro-batches); ratio_mean, clip_frac_low/high and entropy are means over this call's reflection
+    tokens (weight by reflection_tokens to combine); ratio_max is a max.
     """
     old_logp = logp.detach() if old_logp is None else old_logp
     agg = dict(mode=mode, normaliser=normaliser, max_reflection_tokens=max_reflection_tokens)
     pg_loss = aggregate(policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high), mask, **agg)
     kl_loss = pg_loss.new_zeros(())
-    if beta != 0:
+    if ref_logp is not None:
         kl = kl_penalty(_on_mask(logp, mask), _on_mask(ref_logp, mask), kl_kind)  # [B, T]
         kl_loss = aggregate(kl, mask, **agg)
+    elif beta != 0:
+        raise ValueError("beta != 0 needs ref_logp")
     with torch.no_grad():
         ratio = torch.exp(_on_mask(logp - old_logp, mask))  # [B, T], 1 off the mask
         adv = advantages[:, None]  # [B, 1]
         stats = {
             "policy_loss": pg_loss.item(),
-            "kl": kl_loss.item(),
             "ratio_mean": _token_mean(ratio, mask),
             "ratio_max": _on_mask(ratio, mask).amax().item(),
             "clip_frac_low": _token_mean((ratio < 1 - eps_low) & (adv < 0), mask),  # clipped: no grad
             "clip_frac_high": _token_mean((ratio > 1 + eps_high) & (adv > 0), mask),
             "reflection_tokens": int(mask.sum()),
         }
+        if ref_logp is not None:
+            stats["kl"] = kl_loss.item()
         if entropy is not None:
             stats["entropy"] = _token_mean(entropy, mask)
     return pg_loss + beta * kl_loss, stats

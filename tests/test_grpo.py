@@ -139,6 +139,9 @@ def test_clip_fractions_count_clipped_tokens():
     _, stats = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, eps_low=0.2, eps_high=0.2, beta=0.0)
     assert stats["clip_frac_high"] == 1 / 8 and stats["clip_frac_low"] == 1 / 8
     assert stats["ratio_max"] == pytest.approx(1.5)
+    assert "kl" not in stats  # β = 0 and no reference: nothing to report
+    with pytest.raises(ValueError):
+        grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, eps_low=0.2, eps_high=0.2, beta=0.1)
 
 
 # --- aggregation ----------------------------------------------------------------------------------
@@ -162,19 +165,23 @@ def test_gradient_accumulation_equals_full_batch(mode):
     logp, old, ref, adv, mask = random_batch(seed=1)
     kwargs = dict(LOSS_ARGS, mode=mode)
 
-    def grad_of(parts: list[slice], global_normaliser: bool) -> torch.Tensor:
+    def grad_of(parts: list[slice], global_normaliser: bool) -> tuple[torch.Tensor, float]:
         leaf = logp.clone().requires_grad_()
         step_norm = sum(loss_normaliser(mask[p], mode, 8) for p in parts)
+        logged = 0.0
         for p in parts:
             norm = step_norm if global_normaliser else None
-            loss, _ = grpo_loss(leaf[p], old[p], ref[p], adv[p], mask[p], normaliser=norm, **kwargs)
+            loss, stats = grpo_loss(leaf[p], old[p], ref[p], adv[p], mask[p], normaliser=norm, **kwargs)
             loss.backward()
-        return leaf.grad
+            logged += stats["policy_loss"] + LOSS_ARGS["beta"] * stats["kl"]
+        return leaf.grad, logged
 
-    full = grad_of([slice(0, 4)], global_normaliser=False)
+    full, full_loss = grad_of([slice(0, 4)], global_normaliser=False)
     micro = [slice(0, 1), slice(1, 3), slice(3, 4)]  # uneven, one with an empty reflection
-    torch.testing.assert_close(grad_of(micro, global_normaliser=True), full, rtol=1e-12, atol=1e-15)
-    assert not torch.allclose(grad_of(micro, global_normaliser=False), full)  # the test can fail
+    accumulated, accumulated_loss = grad_of(micro, global_normaliser=True)
+    torch.testing.assert_close(accumulated, full, rtol=1e-12, atol=1e-15)
+    assert accumulated_loss == pytest.approx(full_loss, rel=1e-12)  # logged stats add up the same way
+    assert not torch.allclose(grad_of(micro, global_normaliser=False)[0], full)  # the test can fail
     assert loss_normaliser(mask, mode, 8) == sum(loss_normaliser(mask[p], mode, 8) for p in micro)
 
 
