@@ -25,7 +25,7 @@ from rrr.tasks import Example
 from rrr.tasks.splits import check_split, content_id, dedupe, key_hash, sample, select_split, split_of
 
 TASK = "countdown"
-Rational = tuple[int, int]   # (numerator, denominator), reduced, denominator > 0: 4x faster than Fraction
+Rational = tuple[int, int]   # (numerator, denominator), reduced, denominator > 0; ~8x faster than Fraction here
 # Consecutive generator misses (unsolvable or duplicate draws) before the knobs are declared impossible.
 MAX_MISSES = 2_000
 MAX_SPLIT_MISSES = 1_000_000
