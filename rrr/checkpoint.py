@@ -96,6 +96,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: (checkpoint_step(p), p.name == "final"))
 
 
+def remove_partial(run_dir: str | Path) -> None:
+    """Delete temp checkpoint dirs a killed run left behind (one trainer per run dir, so none is live)."""
+    import shutil
+
+    root = Path(run_dir) / "checkpoints"
+    for p in root.glob(".*.tmp") if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Resume:
     """Load adapter/model weights, optimizer, scheduler and RNG state from `path` in place."""
     if not is_complete(path):

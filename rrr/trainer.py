@@ -1,0 +1,493 @@
+"""`rrr train`: reflection-masked GRPO on a failure set, as one recipe that reads top to bottom.
+
+One step of Reflect, Retry, Reward (paper §3; DESIGN.md "GRPO on reflections"):
+  1. draw `train.batch_queries` failed queries (seeded, epoch-aware cursor) and their failed attempt 1
+     (stored in the failure set, or sampled online: a passing attempt 1 ends that episode);
+  2. REFLECT: G = `train.group_size` reflections per failed attempt; RETRY: one attempt 2 per reflection;
+  3. REWARD: r = verify(attempt 2) ∈ {0, 1} (unscorable = NaN); group-normalised advantages;
+     zero-variance groups are counted and kept, skipped or re-sampled (`train.zero_std`);
+  4. UPDATE: one on-policy PPO-clip step (ρ = 1 in value) with β·KL to the reference on reflection
+     tokens only, gradient accumulation over micro-batches, grad clipping, AdamW, warm-up + schedule.
+Setup, logging and checkpointing live in small functions below the loop; the loop is `run()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rrr import checkpoint as ckpt
+from rrr import grpo, rollout
+from rrr.config import UserError
+from rrr.engines.base import Sample, SamplingParams, derive_seed
+from rrr.episode import Episode, Segment, collate
+from rrr.rollout import sampling_from_cfg
+from rrr.logprobs import masked_logprobs
+from rrr.runs import MetricsWriter, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
+from rrr.tasks import Example, get_task
+from rrr.verifiers import Verdict
+
+COMMAND = "train"
+SEGMENTS = ("attempt1", "reflection", "attempt2")
+
+
+def run(cfg: DictConfig) -> Path:
+    t = cfg.train
+    validate(cfg)
+    examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate)
+    run_dir = new_run_dir(cfg, COMMAND)
+    resuming = ckpt.latest_checkpoint(run_dir)
+    seed_everything(int(cfg.seed))                   # a resume restores the checkpoint's RNG state instead
+
+    # ----------------------------------------------------------------- setup (plumbing)
+    model, tokenizer = build_policy(cfg)
+    reference = build_reference(cfg, model)          # before any checkpoint: π_ref = the initial model
+    optimizer, scheduler = build_optimizer(cfg, model)
+    engine = build_engine(cfg, model, tokenizer)
+    task = get_task(cfg.task.name)
+    sampling = sampling_from_cfg(t.sampling)
+    cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    start, wandb_id = 0, None
+    if resuming is not None:
+        state = ckpt.load_checkpoint(resuming, model=model, optimizer=optimizer, scheduler=scheduler)
+        start, wandb_id, cursor = state.step, state.wandb_run_id, FailureCursor.from_state(state.cursor)
+        engine.load_weights(model)                    # the sampler must see the restored weights
+        print(f"resuming {run_dir} from {resuming.name} (step {start})")
+    else:
+        write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
+    ckpt.remove_partial(run_dir)
+    metrics.truncate_after(start)                     # rows of steps after the checkpoint are re-done
+    logger = build_logger(cfg, run_dir, wandb_id)
+    bar = progress(cfg, start)
+
+    for step in range(start + 1, int(t.steps) + 1):
+        t0 = time.time()
+        # ----------------------------------------------------------------- ALGO: reflect, retry, reward
+        batch = cursor.draw(int(t.batch_queries))
+        queries = [examples[i] for i in batch]
+        attempts1, attempt1_pass = first_attempts(cfg, engine, tokenizer, task, queries,
+                                                  [stored[i] for i in batch], sampling, step)
+        failed = [i for i, a in enumerate(attempts1) if a is not None]     # online: a pass ends the episode
+        queries, attempts1 = [queries[i] for i in failed], [attempts1[i] for i in failed]
+        groups = reflect_retry(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, int(cfg.seed))
+        rewards = group_rewards(groups, int(t.group_size))                      # [Q, G], NaN = unscorable
+        zero_std = grpo.zero_std_groups(rewards)                                # [Q]
+        frac_zero_std = zero_std.float().mean().item() if len(zero_std) else 0.0
+        if t.zero_std == "resample":
+            groups, rewards = resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling,
+                                                step, groups, rewards)
+        advantages = grpo.group_advantages(rewards, t.scale_rewards)           # [Q, G]
+        keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample") else \
+            torch.ones(len(groups), dtype=torch.bool)
+        gen_s = time.time() - t0
+
+        # ----------------------------------------------------------------- ALGO: policy update
+        lr = optimizer.param_groups[0]["lr"]
+        trained = [ep for q, g in enumerate(groups) if keep[q] for ep in g]
+        update = policy_update(cfg, model, reference, optimizer, tokenizer, trained,
+                               advantages[keep].flatten())
+        scheduler.step()
+        engine.load_weights(model)
+
+        # ----------------------------------------------------------------- logging and checkpoints
+        row = {"step": step, **update, **rollout_stats(groups, rewards), "frac_zero_std": frac_zero_std,
+               "attempt1_pass_rate": attempt1_pass, "lr": lr,
+               "gen_tokens_per_s": generated_tokens(groups) / max(gen_s, 1e-9),
+               "step_time_s": time.time() - t0, "peak_rss_gb": peak_rss_gb()}
+        metrics.write(row)
+        logger(row)
+        if step % int(cfg.log.episodes_every) == 0:
+            write_episodes(run_dir, step, queries, groups, rewards, advantages)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
+        if step % int(t.save_every) == 0:
+            save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
+    bar.close()
+    final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, int(t.steps), cursor, logger)
+    update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    print(f"final checkpoint: {final}  (evaluate with model.path={final})")
+    logger.finish()
+    return run_dir
+
+
+# ============================================================================ the algorithm's pieces
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    sample: Sample
+    verdict: Verdict
+
+
+def first_attempts(cfg: DictConfig, engine, tokenizer, task, queries: Sequence[Example],
+                   stored: Sequence[dict], sampling: dict[str, SamplingParams],
+                   step: int) -> tuple[list[FailedAttempt | None], float | None]:
+    """Attempt 1 per query: a stored failed attempt (deterministic pick), or sampled online.
+    Online, a passing (or unscorable) attempt 1 ends its episode (None); the second value is the pass rate."""
+    seed = int(cfg.seed)
+    if cfg.train.attempt1 == "stored":
+        return [stored_attempt(s, q, seed, step) for q, s in zip(queries, stored)], None
+    online = [a[0] for a in rollout.sample_attempts(engine, tokenizer, task, list(queries), cfg.prompts,
+                                                    sampling["attempt1"], n=1, seed=seed, step=step)]
+    passed = [bool(a.verdict.correct) for a in online]
+    return [None if a.verdict.correct or a.verdict == rollout.UNSCORABLE else FailedAttempt(a.sample, a.verdict)
+            for a in online], float(np.mean(passed))
+
+
+def stored_attempt(stored: dict, example: Example, seed: int, step: int) -> FailedAttempt:
+    """One of the query's stored failed attempts, picked by a seed derived from (seed, step, example)."""
+    k = derive_seed(seed, step, example.id, 0, "stored_attempt1") % len(stored["token_ids"])
+    sample = Sample(token_ids=list(stored["token_ids"][k]),
+                    finish_reason="length" if stored["truncated"][k] else "stop")
+    return FailedAttempt(sample, Verdict(False, stored["reasons"][k]))
+
+
+def reflect_retry(cfg: DictConfig, engine, tokenizer, task, queries: Sequence[Example],
+                  attempts1: Sequence[FailedAttempt], sampling, step: int, seed: int) -> list[list[Episode]]:
+    """REFLECT G times per failed attempt 1, RETRY once per reflection, verify: [Q][G] episodes."""
+    if not queries:
+        return []
+    return rollout.reflect_retry(engine, tokenizer, task, list(queries), [a.sample for a in attempts1],
+                                 cfg.prompts, sampling, group_size=int(cfg.train.group_size), seed=seed,
+                                 step=step, verdicts1=[a.verdict for a in attempts1])
+
+
+def group_rewards(groups: Sequence[Sequence[Any]], group_size: int) -> torch.Tensor:
+    """[Q][G] episodes -> [Q, G] rewards: 1/0 from the retry's verdict, NaN when it was unscorable."""
+    if any(len(g) != group_size for g in groups):   # a shrunken group would silently change the baseline
+        raise RuntimeError(f"rollout returned groups of sizes {[len(g) for g in groups]}, expected {group_size}")
+    rewards = [[episode_reward(ep) for ep in g] for g in groups]
+    return torch.tensor(rewards, dtype=torch.float32).reshape(len(groups), group_size)
+
+
+def episode_reward(episode: Episode) -> float:
+    return float("nan") if episode.reward is None else float(episode.reward)
+
+
+def resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, groups, rewards):
+    """DAPO-style dynamic sampling: re-draw the reflections of zero-variance groups (fresh seeds per try)
+    up to `train.resample_tries` times; a group keeps its first draw that has reward variance."""
+    groups = list(groups)
+    for attempt in range(1, int(cfg.train.resample_tries) + 1):
+        redo = grpo.zero_std_groups(rewards).nonzero().flatten().tolist()
+        if not redo:
+            break
+        fresh = reflect_retry(cfg, engine, tokenizer, task, [queries[q] for q in redo],
+                              [attempts1[q] for q in redo], sampling, step,
+                              seed=derive_seed(int(cfg.seed), "resample", attempt))
+        fresh_rewards = group_rewards(fresh, int(cfg.train.group_size))
+        for j, q in enumerate(redo):
+            if not grpo.zero_std_groups(fresh_rewards[j:j + 1])[0]:
+                groups[q], rewards[q] = fresh[j], fresh_rewards[j]
+    return groups, rewards
+
+
+def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor] | None, optimizer,
+                  tokenizer, episodes: Sequence[Any], advantages: torch.Tensor) -> dict[str, float]:
+    """One optimizer step over `episodes` (with their advantages [N]) in micro-batches.
+
+    The loss normaliser is the whole step's, so accumulating micro-batch gradients equals the full-batch
+    gradient. On-policy with one update per batch, π_old = π_θ: old_logp = None gives ρ = 1 in value
+    and the exact policy gradient A·∇logπ (the sampler's logprobs are only compared, never used as π_old).
+    """
+    t = cfg.train
+    model.train()                                       # dropout as configured; the engine used eval()
+    optimizer.zero_grad(set_to_none=True)
+    if not episodes:
+        optimizer.step()                                # no gradients: moves nothing, keeps step counts aligned
+        return empty_update()
+    batch = collate(episodes, tokenizer.pad_token_id)                    # tensors [N, T]: ids, segments, masks
+    mask = grpo.reflection_loss_mask(batch["segment_ids"], batch["reflection_truncated"])  # [N, T] bool
+    max_reflection = int(t.sampling.reflection.max_tokens)
+    normaliser = grpo.loss_normaliser(mask, t.loss_agg, max_reflection)
+    device = next(model.parameters()).device
+    totals: dict[str, float] = {}
+    for mb in torch.arange(len(episodes)).split(int(t.micro_batch_size)):
+        ids, attn, m = batch["input_ids"][mb].to(device), batch["attention_mask"][mb].to(device), mask[mb].to(device)
+        logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size))  # [b, T]
+        ref_logp = reference(ids, attn, m) if reference is not None else None   # [b, T]
+        loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
+                                     eps_low=float(t.epsilon), eps_high=float(t.epsilon_high),
+                                     beta=float(t.beta), kl_kind=t.kl_estimator, mode=t.loss_agg,
+                                     normaliser=normaliser, max_reflection_tokens=max_reflection,
+                                     entropy=entropy)
+        loss.backward()
+        stats["loss"] = loss.item()
+        stats["sampler_logp_diff"] = _abs_diff_sum(logp.detach().cpu(), batch["old_logprobs"][mb], mask[mb])
+        accumulate(totals, stats)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               float(t.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finish_stats(totals, grad_norm.item())
+
+
+# ============================================================================ data
+
+@dataclass
+class FailureCursor:
+    """Walks the failure set in a fresh seeded permutation per epoch; (epoch, index) is the whole state,
+    so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    n: int
+    seed: int
+    epoch: int = 0
+    index: int = 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(self.n)
+
+    def draw(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+            take = min(k - len(out), self.n - self.index)
+            out += self.order(self.epoch)[self.index:self.index + take].tolist()
+            self.index += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    @classmethod
+    def from_state(cls, state: dict[str, int]) -> "FailureCursor":
+        return cls(**{k: int(v) for k, v in state.items()})
+
+
+def load_failure_set(run: str | None, min_pass: float, max_pass: float) -> tuple[list[Example], list[dict]]:
+    """The failed queries of a collect-failures run with min_pass ≤ pass rate ≤ max_pass."""
+    from rrr.failures import load_failures
+
+    if not run:
+        raise UserError("train.failures is not set; run `rrr collect-failures ...` and pass "
+                        "train.failures=<its run dir>")
+    if not Path(run).is_dir():
+        raise UserError(f"train.failures={run!r} is not a directory; pass the run dir of rrr collect-failures")
+    examples, stored = load_failures(run)
+    keep = [i for i, s in enumerate(stored)
+            if min_pass <= s["pass_rate"] <= max_pass and s["token_ids"]]
+    if not keep:
+        raise UserError(f"no failed queries in {run} with {min_pass} <= pass rate <= {max_pass}; "
+                        "widen train.min_pass_rate/train.max_pass_rate or collect more failures")
+    return [examples[i] for i in keep], [stored[i] for i in keep]
+
+
+# ============================================================================ setup
+
+def validate(cfg: DictConfig) -> None:
+    t = cfg.train
+    choices = {"finetune": ("lora", "full"), "attempt1": ("stored", "online"), "zero_std": ("keep", "skip", "resample"),
+               "lr_schedule": ("cosine", "constant"), "kl_estimator": ("k1", "k3"),
+               "scale_rewards": ("group", "none"), "loss_agg": grpo.LOSS_AGGREGATIONS}
+    for key, allowed in choices.items():
+        if t[key] not in allowed:
+            raise UserError(f"train.{key}={t[key]!r}; valid choices: {', '.join(allowed)}")
+    for key in ("steps", "batch_queries", "group_size", "micro_batch_size", "save_every"):
+        if int(t[key]) < 1:
+            raise UserError(f"train.{key} must be >= 1")
+    if int(t.group_size) < 2:
+        raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_policy(cfg: DictConfig):
+    from rrr.models import apply_lora, load_model
+
+    model, tokenizer = load_model(cfg.model, for_training=True)
+    if cfg.train.finetune == "lora":
+        model = apply_lora(model, cfg.model)
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"the tokenizer of model {cfg.model.name} has no pad token; set one in the model config")
+    return model, tokenizer
+
+
+def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | None:
+    """π_ref log-probs on the loss positions: the policy with its LoRA adapters disabled, or a frozen copy
+    of the initial model for full fine-tuning. None when β = 0: no reference is loaded or computed."""
+    if float(cfg.train.beta) == 0:
+        return None
+    chunk = int(cfg.train.logprob_chunk_size)
+    if cfg.train.finetune == "lora":
+        def lora_reference(ids, attention_mask, mask):
+            with torch.no_grad(), model.disable_adapter():
+                return masked_logprobs(model, ids, attention_mask, mask, chunk)[0]
+        return lora_reference
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def frozen_reference(ids, attention_mask, mask):
+        with torch.no_grad():
+            return masked_logprobs(frozen, ids, attention_mask, mask, chunk)[0]
+    return frozen_reference
+
+
+def build_optimizer(cfg: DictConfig, model):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay),
+                                  betas=(float(t.adam_betas[0]), float(t.adam_betas[1])))
+    schedule = lr_lambda(int(t.warmup_steps), int(t.steps), t.lr_schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    """LR multiplier at optimizer step s (0-based): linear warm-up to 1 over `warmup` steps (the first
+    step already learns), then constant or cosine decay to 0 at `total`."""
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def build_engine(cfg: DictConfig, model, tokenizer):
+    from rrr.engines import build_engine as build
+
+    return build(cfg, model, tokenizer)
+
+
+def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
+    from rrr.failures import examples_sha256
+    from rrr.models import model_provenance
+
+    return {"failures": str(cfg.train.failures), "failure_queries": len(examples),
+            "failures_sha256": examples_sha256(examples), "model": model_provenance(cfg.model),
+            "train": OmegaConf.to_container(cfg.train, resolve=True),
+            "seeds": {"run_seed": int(cfg.seed),
+                      "derivation": "derive_seed(run_seed, step, example_id, sample_index, segment)"}}
+
+
+# ============================================================================ logging
+
+def rollout_stats(groups: Sequence[Sequence[Any]], rewards: torch.Tensor) -> dict[str, float]:
+    episodes = [ep for g in groups for ep in g]
+    lengths = [segment_len(ep, Segment.REFLECTION) for ep in episodes]
+    stats = {"reward_mean": _nanmean(rewards), "unscorable": int(rewards.isnan().sum()),
+             "episodes": len(episodes), "groups": len(groups),
+             "reflection_len_mean": float(np.mean(lengths)) if lengths else 0.0,
+             "reflection_len_p95": float(np.percentile(lengths, 95)) if lengths else 0.0}
+    for seg in SEGMENTS:
+        flags = [bool(ep.truncated.get(seg, False)) for ep in episodes]
+        stats[f"truncated_{seg}"] = float(np.mean(flags)) if flags else 0.0
+    return stats
+
+
+def segment_len(episode, segment: Segment) -> int:
+    return int((np.asarray(episode.segment_ids) == segment).sum())
+
+
+def generated_tokens(groups: Sequence[Sequence[Any]]) -> int:
+    return sum(segment_len(ep, Segment.REFLECTION) + segment_len(ep, Segment.ATTEMPT2) for g in groups for ep in g)
+
+
+def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
+    """Sum what sums over micro-batches; weight token means by the micro-batch's reflection tokens."""
+    n = stats["reflection_tokens"]
+    for key, value in stats.items():
+        if key in ("loss", "policy_loss", "kl", "reflection_tokens"):
+            totals[key] = totals.get(key, 0.0) + value
+        elif key == "ratio_max":
+            totals[key] = max(totals.get(key, -math.inf), value)
+        elif key == "sampler_logp_diff":
+            totals[key] = totals.get(key, 0.0) + value     # a sum over tokens; divided in finish_stats
+        else:
+            totals[key] = totals.get(key, 0.0) + value * n
+
+
+def finish_stats(totals: dict[str, float], grad_norm: float) -> dict[str, float]:
+    n = max(totals.get("reflection_tokens", 0.0), 1.0)
+    out = {k: v / n if k not in ("loss", "policy_loss", "kl", "reflection_tokens", "ratio_max") else v
+           for k, v in totals.items()}
+    out["grad_norm"] = grad_norm
+    return out
+
+
+def empty_update() -> dict[str, float]:
+    return {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0,
+            "clip_frac_low": 0.0, "clip_frac_high": 0.0, "reflection_tokens": 0, "entropy": 0.0,
+            "sampler_logp_diff": 0.0, "grad_norm": 0.0}
+
+
+def _abs_diff_sum(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Σ |policy logp − sampler logp| on reflection tokens: ≈ 0 when the engine sampled the trained weights."""
+    return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item()
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    return float(x.nanmean()) if x.numel() and not x.isnan().all() else 0.0
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2   # Linux reports KiB
+
+
+def write_episodes(run_dir: Path, step: int, queries: Sequence[Example], groups, rewards, advantages) -> None:
+    import pandas as pd
+
+    rows = []
+    for q, (example, group) in enumerate(zip(queries, groups)):
+        for g, ep in enumerate(group):
+            rows.append({"step": step, "query_id": example.id, "group": q, "sample": g,
+                         **{f"{s}_text": ep.texts.get(s, "") for s in SEGMENTS},
+                         **{f"{s}_tokens": segment_len(ep, Segment[s.upper()]) for s in SEGMENTS},
+                         **{f"{s}_truncated": bool(ep.truncated.get(s, False)) for s in SEGMENTS},
+                         "reward": float(rewards[q, g]), "advantage": float(advantages[q, g]),
+                         "token_ids": list(map(int, ep.token_ids)),
+                         "segment_ids": list(map(int, ep.segment_ids))})
+    atomic_write_parquet(run_dir / "episodes" / f"step_{step:05d}.parquet", pd.DataFrame(rows))
+
+
+class Logger:
+    """wandb (lazy import, offline by default) or nothing; `id` goes into every checkpoint."""
+
+    def __init__(self, run=None):
+        self.run = run
+        self.id = run.id if run is not None else None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if v is not None}, step=int(row["step"]))
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None) -> Logger:
+    if cfg.logger.name != "wandb":
+        return Logger()
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+                     dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name,
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    return Logger(run)
+
+
+def progress(cfg: DictConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=int(cfg.train.steps), initial=start, unit="step", desc="train",
+                disable=not cfg.log.progress)
+
+
+def save(run_dir: Path, name: str, model, tokenizer, optimizer, scheduler, step: int,
+         cursor: FailureCursor, logger: Logger) -> Path:
+    return ckpt.save_checkpoint(run_dir, name, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                scheduler=scheduler, step=step, cursor=cursor.state(), wandb_run_id=logger.id)

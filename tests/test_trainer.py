@@ -1,0 +1,203 @@
+"""`rrr train` on tiny-random: parameters move, resume replays the straight run bit for bit, a SIGKILL
+leaves only complete checkpoints, and the data cursor / LR schedule / failure filter behave."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import trainer_fakes
+from rrr import trainer
+from rrr.checkpoint import COMPLETE, latest_checkpoint
+from rrr.config import UserError, compose
+
+torch.set_num_threads(1)
+TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb"}
+
+
+@pytest.fixture
+def failures(tmp_path, smol_tokenizer) -> Path:
+    return trainer_fakes.write_failures(tmp_path / "failures", smol_tokenizer)
+
+
+def config(failures: Path, run: Path, *extra: str):
+    return compose(["task=countdown", "model=tiny-random", f"train.failures={failures}", f"run_dir={run}",
+                    "train.steps=4", "train.batch_queries=2", "train.group_size=4", "train.micro_batch_size=3",
+                    "train.save_every=2", "train.lr=0.01", "train.warmup_steps=1",
+                    "train.sampling.attempt1.max_tokens=8", "train.sampling.reflection.max_tokens=8",
+                    "train.sampling.attempt2.max_tokens=8", "log.progress=false", "log.episodes_every=2",
+                    *extra])
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def spy_policy(monkeypatch) -> dict:
+    seen: dict = {}
+    build = trainer.build_policy
+
+    def spy(cfg):
+        model, tokenizer = build(cfg)
+        seen["model"] = model
+        seen["before"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        return model, tokenizer
+
+    monkeypatch.setattr(trainer, "build_policy", spy)
+    return seen
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_two_steps_move_every_trainable_parameter_and_no_frozen_one(tmp_path, failures, monkeypatch, finetune):
+    trainer_fakes.install(monkeypatch, trainer)
+    seen = spy_policy(monkeypatch)
+    run = trainer.run(config(failures, tmp_path / "run", "train.steps=2", f"train.finetune={finetune}"))
+    log = rows(run)
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["frac_zero_std"] < 1 and r["reflection_tokens"] > 0 for r in log)   # a real signal
+    assert log[0]["kl"] == pytest.approx(0, abs=1e-7) and log[0]["ratio_mean"] == pytest.approx(1)
+    assert log[1]["kl"] > 0                                  # β = 0.001 by default: the reference is live
+    model, before = seen["model"], seen["before"]
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and (finetune == "full") == (len(trainable) == len(before))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]) == (name not in trainable), name
+    assert (run / "episodes" / "step_00002.parquet").exists() and not (run / "episodes" / "step_00001.parquet").exists()
+    assert (run / "checkpoints" / "final" / COMPLETE).exists()
+
+
+def test_resume_replays_the_straight_run_bit_for_bit(tmp_path, failures, monkeypatch):
+    trainer_fakes.install(monkeypatch, trainer)
+    straight = trainer.run(config(failures, tmp_path / "straight"))
+
+    calls = {"n": 0}
+    real = trainer.peak_rss_gb
+
+    def crash_in_step_3():                     # after step 3's optimizer step, before its metrics row
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real()
+
+    monkeypatch.setattr(trainer, "peak_rss_gb", crash_in_step_3)
+    cfg = config(failures, tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.run(cfg)
+    resumed = tmp_path / "resumed"
+    assert latest_checkpoint(resumed).name == "step_00002"
+    with open(resumed / "metrics.jsonl", "a") as f:            # a row from the lost step: must be dropped
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    monkeypatch.setattr(trainer, "peak_rss_gb", real)
+    trainer.run(cfg)
+
+    a, b = rows(straight), rows(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    # 3 queries, 2 per step: the resume point (step 2) sits inside epoch 1 of the data cursor
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    assert any(r["loss"] != 0 for r in a)
+    wa = load_file(str(straight / "checkpoints" / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(resumed / "checkpoints" / "final" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_final_adapter_loads_with_peft_and_with_model_path(tmp_path, failures, monkeypatch):
+    from peft import PeftModel
+
+    from rrr.models import load_model
+
+    trainer_fakes.install(monkeypatch, trainer)
+    seen = spy_policy(monkeypatch)
+    run = trainer.run(config(failures, tmp_path / "run", "train.steps=2"))
+    final = run / "checkpoints" / "final"
+    base, tokenizer = load_model(compose(["model=tiny-random"]).model)
+    plain = PeftModel.from_pretrained(base, str(final)).eval()
+    via_path, _ = load_model(compose(["model=tiny-random", f"model.path={final}"]).model)
+    ids = torch.tensor([tokenizer("Using the numbers [1, 2]")["input_ids"]])
+    policy = seen["model"].eval()
+    with torch.no_grad():
+        expected = policy(input_ids=ids).logits
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-6)
+        assert torch.allclose(via_path(input_ids=ids).logits, expected, atol=1e-6)
+
+
+def test_cursor_is_an_epoch_aware_permutation_that_resumes_exactly():
+    cursor = trainer.FailureCursor(n=5, seed=3)
+    draws = [cursor.draw(3) for _ in range(4)]                    # 12 draws over 3 epochs
+    flat = sum(draws, [])
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    assert flat[:5] != flat[5:10]                                 # a fresh permutation per epoch
+    replay = trainer.FailureCursor(n=5, seed=3)
+    replay.draw(3), replay.draw(3)
+    resumed = trainer.FailureCursor.from_state(json.loads(json.dumps(replay.state())))
+    assert [resumed.draw(3), resumed.draw(3)] == draws[2:]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cosine = trainer.lr_lambda(warmup=2, total=10, schedule="cosine")
+    assert [cosine(0), cosine(1), cosine(2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert cosine(6) == pytest.approx(0.5) and 0 < cosine(9) < cosine(8)
+    assert trainer.lr_lambda(0, 10, "constant")(9) == 1.0
+
+
+def test_failure_set_filter_and_errors(tmp_path, failures):
+    examples, stored = trainer.load_failure_set(str(failures), 0.1, 0.5)
+    assert [e.id for e in examples] == ["cd1", "cd2"] and len(stored[0]["token_ids"]) == 2
+    with pytest.raises(UserError, match="train.failures is not set"):
+        trainer.load_failure_set(None, 0.0, 1.0)
+    with pytest.raises(UserError, match="no failed queries"):
+        trainer.load_failure_set(str(failures), 0.9, 1.0)
+    with pytest.raises(UserError, match="no failures.parquet"):
+        trainer.load_failure_set(str(tmp_path), 0.0, 1.0)
+
+
+def test_stored_attempt_pick_is_deterministic_and_covers_all(failures):
+    examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
+    picks = {trainer.stored_attempt(stored[0], examples[0], 0, step).verdict.reason for step in range(20)}
+    assert picks == {"wrong value", "no answer"}
+    assert trainer.stored_attempt(stored[0], examples[0], 0, 7) == trainer.stored_attempt(stored[0], examples[0], 0, 7)
+
+
+def test_zero_std_skip_drops_groups_from_the_loss(tmp_path, failures, monkeypatch):
+    trainer_fakes.install(monkeypatch, trainer)
+    monkeypatch.setattr(trainer_fakes.ParityTask, "verify",
+                        lambda self, ex, text: trainer_fakes.Verdict(True, "ok"))   # every group all-1
+    run = trainer.run(config(failures, tmp_path / "run", "train.steps=1", "train.zero_std=skip"))
+    (row,) = rows(run)
+    assert row["frac_zero_std"] == 1 and row["reward_mean"] == 1 and row["reflection_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_resumes_and_leaves_only_complete_checkpoints(tmp_path, failures):
+    """The real CLI, engine and Countdown verifier; killed right after its first checkpoint appears."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "rrr.cli", "train", "task=countdown", "model=tiny-random",
+            f"train.failures={failures}", f"run_dir={run}", "train.steps=6", "train.save_every=1",
+            "train.batch_queries=2", "train.group_size=2", "log.progress=false",
+            *[f"train.sampling.{s}.max_tokens=8" for s in ("attempt1", "reflection", "attempt2")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step_00001" / COMPLETE).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6]
+    ckpts = [p for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert {p.name for p in ckpts} >= {"step_00006", "final"} and len(ckpts) == len(list((run / "checkpoints").iterdir()))
+    for p in ckpts:
+        assert (p / COMPLETE).exists() and load_file(str(p / "adapter_model.safetensors")), p

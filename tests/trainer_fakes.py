@@ -1,0 +1,81 @@
+"""Fakes for the trainer tests: a failure set on disk, an engine whose samples stop at random lengths
+(a random tiny model would never emit end-of-turn within a few tokens, so every reflection would be
+truncated and masked out), and Countdown prompts with a parity verifier so groups have mixed rewards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from rrr.engines.base import Sample
+from rrr.tasks import Example, get_task
+from rrr.verifiers import Verdict
+
+EXAMPLES = [Example(id=f"cd{i}", task="countdown", source="generated",
+                    fields={"nums": [i + 1, i + 2, i + 3], "target": 3 * i + 6, "witness": None})
+            for i in range(3)]
+
+
+def write_failures(run_dir: Path, tokenizer, pass_rates=(0.0, 0.25, 0.5)) -> Path:
+    """failures.parquet in the format rrr.failures writes: 3 Countdown queries, 2 failed attempts each."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for ex, rate in zip(EXAMPLES, pass_rates):
+        texts = [f"<answer>{ex.fields['nums'][0]} + 1</answer>", "I do not know"]
+        rows.append({**ex.to_row(), "n_samples": 4, "n_correct": int(rate * 4), "pass_rate": rate,
+                     "failed_texts": texts,
+                     "failed_token_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts],
+                     "failed_reasons": ["wrong value", "no answer"], "failed_truncated": [False, False],
+                     "prompt_token_ids": [1, 2, 3]})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(run_dir / "failures.parquet", index=False)
+    return run_dir
+
+
+class RandomStopEngine:
+    """Samples 1..max_tokens ids from its per-request seed; ends with end-of-turn unless it hits the budget."""
+
+    def __init__(self, end_of_turn: int, vocab: int = 2000):
+        self.end, self.vocab = end_of_turn, vocab
+
+    def generate(self, prompts, n, sampling, seeds=None):
+        out = []
+        for row in seeds:
+            samples = []
+            for seed in row:
+                g = torch.Generator().manual_seed(int(seed))
+                length = int(torch.randint(1, sampling.max_tokens + 2, (), generator=g))
+                ids = torch.randint(100, self.vocab, (min(length, sampling.max_tokens),), generator=g).tolist()
+                stop = length <= sampling.max_tokens
+                if stop:
+                    ids[-1] = self.end
+                samples.append(Sample(token_ids=ids, logprobs=[-1.0] * len(ids),
+                                      finish_reason="stop" if stop else "length"))
+            out.append(samples)
+        return out
+
+    def load_weights(self, model):
+        pass
+
+
+class ParityTask:
+    """Countdown prompts; a retry is 'correct' when its decoded text has an even length."""
+
+    def __init__(self):
+        self.countdown = get_task("countdown")
+
+    def messages(self, example, prompts_cfg):
+        return self.countdown.messages(example, prompts_cfg)
+
+    def verify(self, example, completion: str) -> Verdict:
+        ok = len(completion) % 2 == 0
+        return Verdict(ok, "ok" if ok else "odd length")
+
+
+def install(monkeypatch, trainer_module) -> None:
+    """Route the trainer's engine and task to the fakes."""
+    monkeypatch.setattr(trainer_module, "build_engine",
+                        lambda cfg, model, tok: RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>")))
+    monkeypatch.setattr(trainer_module, "get_task", lambda name: ParityTask())
