@@ -160,11 +160,14 @@ class Tokens:
         return Tokens(self.ids + tuple(sample.token_ids), self.segments + (int(segment),) * n, self.logprobs + lp)
 
 
+def attempt1_prefix(prompt_ids: Sequence[int], attempt1: Sample) -> Tokens:
+    """PROMPT · ATTEMPT1."""
+    return Tokens().template(prompt_ids, Segment.PROMPT).sampled(attempt1, Segment.ATTEMPT1)
+
+
 def reflection_prefix(prompt_ids: Sequence[int], attempt1: Sample, feedback: TurnDelta) -> Tokens:
     """PROMPT · ATTEMPT1 · FEEDBACK (ending in the assistant generation prompt): where reflections are sampled."""
-    return (Tokens().template(prompt_ids, Segment.PROMPT)
-            .sampled(attempt1, Segment.ATTEMPT1)
-            .template(feedback.after(attempt1), Segment.FEEDBACK))
+    return attempt1_prefix(prompt_ids, attempt1).template(feedback.after(attempt1), Segment.FEEDBACK)
 
 
 def retry_prefix(prefix: Tokens, reflection: Sample | None, last: Sample, retry: TurnDelta) -> Tokens:
@@ -182,7 +185,7 @@ def assemble(prompt_ids: Sequence[int], attempt1: Sample, feedback: TurnDelta | 
     if (feedback is None) != (reflection is None):
         raise ValueError("feedback and reflection go together (both None only without a reflection turn)")
     if feedback is None:
-        prefix = Tokens().template(prompt_ids, Segment.PROMPT).sampled(attempt1, Segment.ATTEMPT1)
+        prefix = attempt1_prefix(prompt_ids, attempt1)
         return retry_prefix(prefix, None, attempt1, retry).sampled(attempt2, Segment.ATTEMPT2)
     prefix = reflection_prefix(prompt_ids, attempt1, feedback)
     return retry_prefix(prefix, reflection, reflection, retry).sampled(attempt2, Segment.ATTEMPT2)

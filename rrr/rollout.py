@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from rrr.config import UserError
 from rrr.engines.base import Engine, Sample, SamplingParams, derive_seed
-from rrr.episode import (SAMPLED_SEGMENTS, Episode, Segment, Tokens, TurnDelta, feedback_text, prompt_text,
-                         reflection_prefix, render_ids, retry_prefix, template_sample, user_turn_delta)
+from rrr.episode import (SAMPLED_SEGMENTS, Episode, Segment, Tokens, attempt1_prefix, feedback_text,
+                         prompt_text, reflection_prefix, render_ids, retry_prefix, template_sample,
+                         user_turn_delta)
 from rrr.tasks import Example
 from rrr.verifiers import Verdict
 
@@ -156,33 +157,20 @@ def reflect_retry(engine: Engine, tokenizer, task, examples: Sequence[Example], 
                      or UNSCORABLE for ex, a in zip(examples, attempts1)]
     G = group_size
 
-    # Reflect: one prefix per example, G samples each (one engine call for the whole batch).
-    feedbacks: list[TurnDelta | None] = []
-    prefixes: list[Tokens] = []
-    for p_ids, a1, v1 in zip(prompts, attempts1, verdicts1):
-        if reflection_mode == "none":
-            feedbacks.append(None)
-            prefixes.append(Tokens().template(p_ids, Segment.PROMPT).sampled(a1, Segment.ATTEMPT1))
-        else:
-            fb = user_turn_delta(tokenizer, feedback_text(prompts_cfg, v1.reason))
-            feedbacks.append(fb)
-            prefixes.append(reflection_prefix(p_ids, a1, fb))
-    if reflection_mode == "model":
-        seeds = [[derive_seed(seed, step, ex.id, g, "reflection") for g in range(G)] for ex in examples]
-        reflections: list[list[Sample | None]] = _generate(
-            engine, [list(p.ids) for p in prefixes], G, sampling["reflection"], seeds, "reflection", stats)
-    elif reflection_mode == "generic":
-        generic = template_sample(tokenizer, prompt_text(prompts_cfg, "generic_reflection"),
-                                  user_turn_delta(tokenizer, prompt_text(prompts_cfg, "retry")).end_of_turn)
-        reflections = [[generic] * G for _ in examples]
+    # Reflect: one shared prefix per example, G reflections each (one engine call for the whole batch).
+    if reflection_mode == "none":
+        prefixes = [attempt1_prefix(p, a1) for p, a1 in zip(prompts, attempts1)]
     else:
-        reflections = [[None] * G for _ in examples]
+        prefixes = [reflection_prefix(p, a1, user_turn_delta(tokenizer, feedback_text(prompts_cfg, v1.reason)))
+                    for p, a1, v1 in zip(prompts, attempts1, verdicts1)]
+    reflections = _reflections(engine, tokenizer, examples, prefixes, prompts_cfg, sampling["reflection"], G,
+                               seed, step, reflection_mode, stats)
 
-    # Retry: one attempt 2 per reflection.
+    # Retry: one attempt 2 per reflection (one engine call for all B·G retries).
     retry_prefixes: list[Tokens] = []
-    for prefix, a1, v1, refl in zip(prefixes, attempts1, verdicts1, reflections):
+    for prefix, a1, v1, group in zip(prefixes, attempts1, verdicts1, reflections):
         retry = user_turn_delta(tokenizer, _retry_text(prompts_cfg, reflection_mode, v1.reason))
-        retry_prefixes += [retry_prefix(prefix, r, r if r is not None else a1, retry) for r in refl]
+        retry_prefixes += [retry_prefix(prefix, r, r if r is not None else a1, retry) for r in group]
     seeds = [[derive_seed(seed, step, ex.id, g, "attempt2")] for ex in examples for g in range(G)]
     attempts2 = _generate(engine, [list(p.ids) for p in retry_prefixes], 1, sampling["attempt2"], seeds,
                           "attempt2", stats)
@@ -193,25 +181,43 @@ def reflect_retry(engine: Engine, tokenizer, task, examples: Sequence[Example], 
         group = []
         for g in range(G):
             a2 = attempts2[i * G + g][0]
-            tokens = retry_prefixes[i * G + g].sampled(a2, Segment.ATTEMPT2)
             text2 = _decode(tokenizer, a2.token_ids)
             v2 = _verify(task, ex, text2, stats)
-            refl = reflections[i][g]
-            truncated = {"attempt1": a1.truncated, "attempt2": a2.truncated}
-            texts = {"attempt1": _decode(tokenizer, a1.token_ids), "attempt2": text2}
-            if refl is not None:
-                truncated["reflection"] = refl.truncated
-                texts["reflection"] = _decode(tokenizer, refl.token_ids)
-            group.append(Episode(
-                example_id=ex.id, group_index=i, sample_index=g, token_ids=list(tokens.ids),
-                segment_ids=list(tokens.segments), sampler_logprobs=list(tokens.logprobs),
-                truncated=truncated, texts=texts, attempt1_correct=v1.correct,
-                attempt2_correct=None if v2 is None else v2.correct,
-                reward=None if v2 is None else float(v2.correct),
-                reasons={"attempt1": v1.reason, "attempt2": UNSCORABLE.reason if v2 is None else v2.reason},
-            ))
+            tokens = retry_prefixes[i * G + g].sampled(a2, Segment.ATTEMPT2)
+            ep = _episode(ex, i, g, tokens, {"attempt1": a1, "reflection": reflections[i][g], "attempt2": a2},
+                          tokenizer, v1)
+            ep.attempt2_correct = None if v2 is None else v2.correct
+            ep.reward = None if v2 is None else float(v2.correct)
+            ep.reasons["attempt2"] = UNSCORABLE.reason if v2 is None else v2.reason
+            group.append(ep)
         episodes.append(group)
     return episodes
+
+
+def _reflections(engine: Engine, tokenizer, examples: Sequence[Example], prefixes: Sequence[Tokens],
+                 prompts_cfg: Mapping, sampling: SamplingParams, G: int, seed: int, step: int,
+                 reflection_mode: str, stats: RolloutStats) -> list[list[Sample | None]]:
+    """G reflections per prefix: sampled ("model"), the fixed generic text ("generic"), or none."""
+    if reflection_mode == "model":
+        seeds = [[derive_seed(seed, step, ex.id, g, "reflection") for g in range(G)] for ex in examples]
+        return _generate(engine, [list(p.ids) for p in prefixes], G, sampling, seeds, "reflection", stats)
+    if reflection_mode == "generic":
+        end_of_turn = user_turn_delta(tokenizer, prompt_text(prompts_cfg, "retry")).end_of_turn
+        generic = template_sample(tokenizer, prompt_text(prompts_cfg, "generic_reflection"), end_of_turn)
+        return [[generic] * G for _ in examples]
+    return [[None] * G for _ in examples]
+
+
+def _episode(ex: Example, group_index: int, sample_index: int, tokens: Tokens,
+             samples: Mapping[str, Sample | None], tokenizer, verdict1: Verdict) -> Episode:
+    """An episode with the per-segment truncation flags and texts of the segments it has; reward unset."""
+    present = {name: s for name, s in samples.items() if s is not None}
+    return Episode(example_id=ex.id, group_index=group_index, sample_index=sample_index,
+                   token_ids=list(tokens.ids), segment_ids=list(tokens.segments),
+                   sampler_logprobs=list(tokens.logprobs),
+                   truncated={name: s.truncated for name, s in present.items()},
+                   texts={name: _decode(tokenizer, s.token_ids) for name, s in present.items()},
+                   attempt1_correct=verdict1.correct, reasons={"attempt1": verdict1.reason})
 
 
 def rollout_online(engine: Engine, tokenizer, task, examples: Sequence[Example], prompts_cfg: Mapping,
@@ -235,10 +241,6 @@ def rollout_online(engine: Engine, tokenizer, task, examples: Sequence[Example],
                 ep.group_index = i   # index in this batch, not in the failed subset
             out.append(by_index[i])
             continue
-        tokens = Tokens().template(prompt_ids(tokenizer, task, ex, prompts_cfg), Segment.PROMPT).sampled(
-            a.sample, Segment.ATTEMPT1)
-        out.append([Episode(example_id=ex.id, group_index=i, sample_index=0, token_ids=list(tokens.ids),
-                            segment_ids=list(tokens.segments), sampler_logprobs=list(tokens.logprobs),
-                            truncated={"attempt1": a.sample.truncated}, texts={"attempt1": a.text},
-                            attempt1_correct=a.verdict.correct, reasons={"attempt1": a.verdict.reason})])
+        tokens = attempt1_prefix(prompt_ids(tokenizer, task, ex, prompts_cfg), a.sample)
+        out.append([_episode(ex, i, 0, tokens, {"attempt1": a.sample}, tokenizer, a.verdict)])
     return out
