@@ -45,18 +45,18 @@ def run(cfg: DictConfig) -> Path:
     t = cfg.train
     validate(cfg)
     examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate)
-    run_dir = new_run_dir(cfg, COMMAND)
-    resuming = ckpt.latest_checkpoint(run_dir)
     seed_everything(int(cfg.seed))                   # a resume restores the checkpoint's RNG state instead
 
     # ----------------------------------------------------------------- setup (plumbing)
-    model, tokenizer = build_policy(cfg)
+    model, tokenizer = build_policy(cfg)             # before the run dir: a hub error leaves no empty run
     reference = build_reference(cfg, model)          # before any checkpoint: π_ref = the initial model
     optimizer, scheduler = build_optimizer(cfg, model)
     engine = build_engine(cfg, model, tokenizer)
     task = get_task(cfg.task.name)
     sampling = sampling_from_cfg(t.sampling)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
+    run_dir = new_run_dir(cfg, COMMAND)
+    resuming = ckpt.latest_checkpoint(run_dir)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
     if resuming is not None:
