@@ -213,7 +213,8 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
     for mb in torch.arange(len(episodes)).split(int(t.micro_batch_size)):
-        ids, attn, m = batch["input_ids"][mb].to(device), batch["attention_mask"][mb].to(device), mask[mb].to(device)
+        width = int(batch["attention_mask"][mb].sum(-1).max())     # right-padded: trim to this micro-batch
+        ids, attn, m = (x[mb, :width].to(device) for x in (batch["input_ids"], batch["attention_mask"], mask))
         logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size))  # [b, T]
         ref_logp = reference(ids, attn, m) if reference is not None else None   # [b, T]
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
@@ -223,7 +224,7 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
                                      entropy=entropy)
         loss.backward()
         stats["loss"] = loss.item()
-        stats["sampler_logp_diff"] = _abs_diff_sum(logp.detach().cpu(), batch["old_logprobs"][mb], mask[mb])
+        stats["sampler_logp_diff"] = _abs_diff_sum(logp.detach().cpu(), batch["old_logprobs"][mb, :width], m.cpu())
         accumulate(totals, stats)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                float(t.max_grad_norm))

@@ -130,6 +130,42 @@ def test_final_adapter_loads_with_peft_and_with_model_path(tmp_path, failures, m
         assert torch.allclose(via_path(input_ids=ids).logits, expected, atol=1e-6)
 
 
+class CapturingOptimizer:
+    """Records the gradients `policy_update` hands to `step()` (and moves nothing)."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, failures, smol_tokenizer):
+    cfg = config(failures, tmp_path / "run", "train.beta=0.5")
+    model, tokenizer = trainer.build_policy(cfg)
+    examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
+    attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
+    engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
+                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    advantages = trainer.grpo.group_advantages(trainer.group_rewards(groups, 4)).flatten()   # [12]
+    episodes = [ep for g in groups for ep in g]
+    reference = trainer.build_reference(cfg, model)
+    optimizer = CapturingOptimizer(p for p in model.parameters() if p.requires_grad)
+    for size in (12, 5, 1):
+        cfg.train.micro_batch_size = size
+        trainer.policy_update(cfg, model, reference, optimizer, tokenizer, episodes, advantages)
+    full, *accumulated = optimizer.grads
+    assert any(g.abs().sum() > 0 for g in full)
+    for grads in accumulated:
+        for g, f in zip(grads, full):
+            assert torch.allclose(g, f, atol=1e-6, rtol=1e-4)
+
+
 def test_cursor_is_an_epoch_aware_permutation_that_resumes_exactly():
     cursor = trainer.FailureCursor(n=5, seed=3)
     draws = [cursor.draw(3) for _ in range(4)]                    # 12 draws over 3 epochs
