@@ -16,6 +16,7 @@ Four sources, picked by `model.path` first and `model.source` otherwise:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -160,19 +161,16 @@ def _part_paths(name: str, spec: EmbeddedGGUF) -> list[Path]:
 def _gguf_file(name: str, spec: EmbeddedGGUF, workdir: Path) -> Path:
     """The verified GGUF: the file itself when it is one part, else the parts concatenated in workdir."""
     parts = _part_paths(name, spec)
+    single = len(parts) == 1
+    out = parts[0] if single else workdir / f"{name}.gguf"
     h = hashlib.sha256()
-    out = parts[0] if len(parts) == 1 else workdir / f"{name}.gguf"
-    sink = None if len(parts) == 1 else open(out, "wb")
-    try:
+    with contextlib.nullcontext() if single else open(out, "wb") as sink:
         for part in parts:
             with open(part, "rb") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
                     if sink:
                         sink.write(block)
-    finally:
-        if sink:
-            sink.close()
     size = sum(p.stat().st_size for p in parts)
     if size != spec.size or h.hexdigest() != spec.sha256:
         raise UserError(f"embedded model {name!r}: the GGUF does not match the pinned file ({size} bytes, "
@@ -310,8 +308,9 @@ def model_provenance(model_cfg: DictConfig | dict, model=None) -> dict[str, Any]
         info.update(gguf_sha256=spec.sha256, gguf_bytes=spec.size, gguf_parts=[f"{p}/{r}" for p, r in spec.parts])
     if cfg.source == "random":
         info["random"] = OmegaConf.to_container(cfg.random, resolve=True)
-    if cfg.get("path") and (Path(cfg.path) / "adapter_config.json").exists():
-        info["adapter"] = json.loads((Path(cfg.path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    adapter = Path(cfg.path) / "adapter_config.json" if cfg.get("path") else None
+    if adapter is not None and adapter.exists():
+        info["adapter_base"] = json.loads(adapter.read_text()).get("base_model_name_or_path")
     if model is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         info["resolved_commit"] = getattr(base.config, "_commit_hash", None)
