@@ -310,6 +310,8 @@ def build_policy(cfg: DictConfig):
     from rrr.models import apply_lora, load_model
 
     model, tokenizer = load_model(cfg.model, for_training=True)
+    if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.finetune == "lora":
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
