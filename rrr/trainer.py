@@ -213,7 +213,11 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
     for mb in torch.arange(len(episodes)).split(int(t.micro_batch_size)):
-        width = int(batch["attention_mask"][mb].sum(-1).max())     # right-padded: trim to this micro-batch
+        # Causal attention: tokens after the last reflection token (retry prompt, attempt 2, padding)
+        # cannot change a reflection log-prob, so the forward/backward stops there. Exact, and it saves
+        # the retry's share of the update's compute.
+        cols = mask[mb].any(0).nonzero()
+        width = int(cols.max()) + 1 if len(cols) else 1
         ids, attn, m = (x[mb, :width].to(device) for x in (batch["input_ids"], batch["attention_mask"], mask))
         logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size))  # [b, T]
         ref_logp = reference(ids, attn, m) if reference is not None else None   # [b, T]
