@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
 
     run_cfg = OmegaConf.load(f"{args.failures}/config.yaml")
     cfg = compose([f"task={run_cfg.task.name}", f"model={run_cfg.model.name}", *args.overrides])

@@ -172,7 +172,7 @@ def test_messages_carry_tools_query_and_format() -> None:
     assert [system["role"], user["role"]] == ["system", "user"]
     assert user["content"] == "Weather in {Paris}?"
     assert json.dumps(x.fields["tools"][0]) in system["content"]
-    assert '[{"name": "tool_name", "arguments": {"arg": "value"}}]' in system["content"]
+    assert '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' in system["content"]
     assert "system" not in x.fields and not system["content"].startswith("None")
 
 

@@ -160,8 +160,8 @@ def load(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Exampl
 
 
 def render_tools(tools: list[dict]) -> str:
-    """One JSON object per line (as Qwen's chat template lists tools): compact, and one tool per line."""
-    return "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    """One JSON object per line, wrapped as Qwen2.5's chat template lists tools."""
+    return "\n".join(json.dumps({"type": "function", "function": t}, ensure_ascii=False) for t in tools)
 
 
 def messages(example: Example, prompts_cfg: Any) -> list[dict]:
