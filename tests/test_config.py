@@ -66,3 +66,9 @@ def test_cli_lists_commands():
     res = runner.invoke(app, ["--help"])
     for cmd in ("collect-failures", "train", "evaluate", "compare", "verify"):
         assert cmd in res.output
+
+
+def test_experiment_preset_wins_over_root_and_group_defaults_and_cli_wins_over_it():
+    cfg = compose(["experiment=demo"])
+    assert cfg.data.limit == 16 and cfg.train.group_size == 4 and cfg.prompts.feedback_with_reason is True
+    assert compose(["experiment=demo", "data.limit=3"]).data.limit == 3
