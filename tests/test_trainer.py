@@ -237,3 +237,11 @@ def test_sigkill_mid_step_resumes_and_leaves_only_complete_checkpoints(tmp_path,
     assert {p.name for p in ckpts} >= {"step_00006", "final"} and len(ckpts) == len(list((run / "checkpoints").iterdir()))
     for p in ckpts:
         assert (p / COMPLETE).exists() and load_file(str(p / "adapter_model.safetensors")), p
+
+
+def test_malloc_mmap_threshold_is_set_on_glibc_and_off_at_zero():
+    import platform
+
+    assert trainer.malloc_mmap_threshold(0) is False
+    if platform.libc_ver()[0] == "glibc":
+        assert trainer.malloc_mmap_threshold(4 << 20) is True
