@@ -13,7 +13,7 @@ import torch
 
 from rrr.config import UserError, compose
 from rrr.engines import SamplingParams, build_engine
-from rrr.engines.hf import HFEngine, _top_p, sample_tokens, stop_token_ids
+from rrr.engines.hf import HFEngine, PrefixCache, _top_p, sample_tokens, stop_token_ids
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 HOT = SamplingParams(max_tokens=8, temperature=1.0)
@@ -188,10 +188,79 @@ def test_load_weights_is_free_for_the_same_model_and_copies_another(tiny_model):
     assert engine.model is not trained
 
 
+def _extend(prompt: list[int], sample: list[int], extra: list[int]) -> list[int]:
+    return prompt + sample + extra                            # what a later stage's prompt looks like
+
+
+def test_prefix_cache_samples_equal_a_full_prefill_and_prefill_only_the_new_tokens(tiny_model, prompts):
+    model, tok = tiny_model
+    cached, plain = HFEngine(model, tok, prefix_cache_gb=1.0), HFEngine(model, tok)
+    first = cached.generate(prompts, 2, HOT, seeds=[[1, 2], [3, 4]])
+    assert first == plain.generate(prompts, 2, HOT, seeds=[[1, 2], [3, 4]])   # nothing cached yet
+    later = [_extend(prompts[0], first[0][0].token_ids, [11, 12, 13]),        # extends a cached prompt
+             _extend(prompts[1], first[1][1].token_ids, [14] * 9),            # a longer delta
+             list(prompts[0]),                                                # exactly a cached prompt
+             [7, 8, 9] + prompts[1]]                                          # shares nothing
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        again = cached.generate(later, 2, HOT, seeds=[[5, 6], [7, 8], [9, 10], [11, 12]])
+    finally:
+        handle.remove()
+    assert widths[0] == len(later[3])                         # prefill = the longest uncached part
+    expected = plain.generate(later, 2, HOT, seeds=[[5, 6], [7, 8], [9, 10], [11, 12]])
+    for got_row, want_row in zip(again, expected):
+        for got, want in zip(got_row, want_row):
+            assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    # prompts are cached, sampled tokens are not (they are prefilled as part of the later prompt)
+    assert cached.prefix_cache.hit_tokens == len(prompts[0]) + len(prompts[1]) + len(prompts[0]) - 1
+
+
+def test_prefix_cache_is_emptied_when_weights_change(tiny_model, prompts):
+    model, tok = tiny_model
+    engine = HFEngine(model, tok, prefix_cache_gb=1.0)
+    engine.generate(prompts, 1, GREEDY)
+    assert len(engine.prefix_cache.entries) == 2
+    engine.load_weights(model)                                # the trainer stepped the same object
+    assert not engine.prefix_cache.entries and engine.prefix_cache.bytes == 0
+
+
+def _kv(n: int, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.zeros(1, n, 4), torch.zeros(1, n, 4)) for _ in range(layers)]   # 2·layers·n·16 bytes
+
+
+def test_prefix_cache_longest_common_prefix_lru_and_covered_entries():
+    cache = PrefixCache(max_bytes=10**6)
+    cache.add([1, 2, 3, 4], _kv(4))
+    cache.add([1, 2, 9], _kv(3))
+    assert cache.longest([1, 2, 3, 4, 5])[0] == 4
+    assert cache.longest([1, 2, 3, 7])[0] == 3                # a common head, not a whole entry
+    assert cache.longest([1, 2, 3, 4])[0] == 3                # the last token is always prefilled
+    assert cache.longest([5, 1, 2])[0] == 0 and cache.longest([5, 1, 2])[1] is None
+    cache.add([1, 2, 3, 4, 5, 6], _kv(6))                     # covers [1, 2, 3, 4]: that entry goes
+    assert sorted(cache.entries) == [(1, 2, 3, 4, 5, 6), (1, 2, 9)]
+    assert cache.bytes == sum(size for _, _, size in cache.entries.values())
+    small = PrefixCache(max_bytes=2 * 2 * 5 * 16)              # room for 5 tokens of 2 layers
+    small.add([1, 2, 3], _kv(3))
+    small.add([4, 5], _kv(2))
+    small.longest([1, 2, 3, 9])                               # [1, 2, 3] is now the most recent
+    small.add([6, 7], _kv(2))                                 # over budget: the least recent goes
+    assert sorted(small.entries) == [(1, 2, 3), (6, 7)]
+    small.add(list(range(50)), _kv(50))                       # bigger than the budget: not kept
+    assert sorted(small.entries) == [(1, 2, 3), (6, 7)]
+    off = PrefixCache(max_bytes=0)
+    off.add([1, 2], _kv(2))
+    assert not off.entries
+
+
 def test_build_engine_hf_uses_the_batch_size(tiny_model):
     model, tok = tiny_model
-    engine = build_engine(compose(["model=tiny-random", "engine.batch_size=3"]), model, tok)
+    engine = build_engine(compose(["model=tiny-random", "engine.batch_size=3", "engine.prefix_cache_gb=0.5"]),
+                          model, tok)
     assert isinstance(engine, HFEngine) and engine.batch_size == 3 and engine.model is model
+    assert engine.prefix_cache.max_bytes == 2**29
 
 
 # ----------------------------------------------------------------------------- vLLM engine (fake vllm)

@@ -18,7 +18,8 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
 
     name = cfg.engine.name
     if name == "hf":
-        return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size))
+        return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size),
+                        prefix_cache_gb=float(cfg.engine.get("prefix_cache_gb", 0.0)))
     if name == "vllm":
         from rrr.engines.vllm import VLLMEngine
         from rrr.models import resolve_device, resolve_dtype, weights_source

@@ -8,14 +8,22 @@ things `generate` does not give us:
   out to its n samples (the G reflections of a group share their whole prompt);
 - the log-prob of every sampled token under the distribution it was sampled from, recorded as we go.
 Finished rows leave the batch (their cache rows are dropped), so long tails do not pay for short ones.
+
+Across calls, a `PrefixCache` keeps the KV of every prompt we prefilled. The stages of Reflect, Retry,
+Reward extend each other token for token (reflection prompt = attempt-1 prompt + attempt 1 + feedback;
+retry prompt = reflection prompt + reflection + retry turn; the controls re-use the same heads), so a
+later prompt prefills only what its longest cached prefix lacks. On CPU, prefill of long tool prompts
+was most of an evaluation's time. The cache is emptied whenever the weights change (`load_weights`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from rrr.engines.base import Sample, SamplingParams
@@ -88,11 +96,71 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer: keys, values [kv_heads, L, head_dim]
+
+
+class PrefixCache:
+    """KV caches of whole prompts, least recently used first out, within `max_bytes`.
+
+    `longest(prompt)` finds the entry sharing the longest head with `prompt` (a common prefix, not only a
+    whole entry: the KV of position t depends on tokens <= t alone, so any shared head is exact).
+    An entry that is a prefix of a newer one is dropped: the newer one covers it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, KV, int]] = OrderedDict()
+        self.bytes = 0
+        self.hit_tokens = 0           # prompt tokens served from the cache (for benchmarks)
+        self.miss_tokens = 0          # prompt tokens prefilled
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def longest(self, prompt: list[int]) -> tuple[int, KV | None]:
+        """(n, kv) with the first n tokens of `prompt` cached; n <= len(prompt) − 1, since the last
+        prompt token must still go through the model to give the next token's logits."""
+        query = np.asarray(prompt)
+        best, best_key = 0, None
+        for key, (ids, _, _) in self.entries.items():
+            m = min(len(ids), len(query) - 1)
+            differ = np.flatnonzero(ids[:m] != query[:m])
+            n = int(differ[0]) if len(differ) else m
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        self.entries.move_to_end(best_key)
+        return best, self.entries[best_key][1]
+
+    def add(self, prompt: list[int], kv: KV) -> None:
+        if self.max_bytes <= 0:
+            return
+        key = tuple(prompt)
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if key in self.entries or size > self.max_bytes:
+            return
+        ids = np.asarray(prompt)
+        for old in [k for k, (o, _, _) in self.entries.items()
+                    if len(o) <= len(ids) and np.array_equal(o, ids[:len(o)])]:
+            self._drop(old)
+        self.entries[key] = (ids, kv, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        self.bytes -= self.entries.pop(key)[2]
+
+
 class HFEngine:
     """Generation with the trainer's own model object (so `load_weights` is free)."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, stop_ids: list[int] | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, stop_ids: list[int] | None = None,
+                 prefix_cache_gb: float = 0.0):
         self.model = model
+        self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30))
         self.batch_size = batch_size
         self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer)
         pad = tokenizer.pad_token_id
@@ -100,6 +168,7 @@ class HFEngine:
         self._cache_kwarg = _cache_kwarg(model)
 
     def load_weights(self, model) -> None:
+        self.prefix_cache.clear()         # cached KV was computed with the old weights
         if model is self.model:
             return                        # the trainer updates this very object in place
         self.model.load_state_dict(model.state_dict())
@@ -125,9 +194,8 @@ class HFEngine:
         unique = {tuple(p): None for p in prompts}                       # prefill each prompt once
         prefix_of = {p: i for i, p in enumerate(unique)}
         slot_prompt = [prefix_of[tuple(p)] for p in prompts for _ in range(n)]      # sample slot -> prefix
-        ids, mask = left_pad([list(u) for u in unique], self.pad_id, device)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, cache)                                    # [U, V]
+        logits, mask = self._prefill([list(u) for u in unique], cache, device)      # [U, V], [U, L]
 
         rows = torch.tensor(slot_prompt, device=device)        # expand each prefix to its samples
         cache.batch_select_indices(rows)
@@ -160,6 +228,40 @@ class HFEngine:
         samples = [Sample(token_ids=t, logprobs=lp, finish_reason=f)
                    for t, lp, f in zip(tokens, logprobs, finish)]
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _prefill(self, prompts: list[list[int]], cache, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill `prompts` into the empty `cache`, each starting from its longest cached prefix.
+
+        Layout per row: [left pad | cached prefix | left pad | new tokens]. The mask zeros both pads and
+        position ids count only real tokens, so the hole in the middle changes nothing. -> logits [U, V]
+        of each prompt's last token, attention mask [U, C + D].
+        """
+        hits = [self.prefix_cache.longest(p) for p in prompts]
+        width = max(n for n, _ in hits)                                             # C
+        past = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, (n, _) in enumerate(hits):
+            past[i, width - n:] = 1
+        if width:
+            first = next(kv for n, kv in hits if n)
+            for layer, (k0, v0) in enumerate(first):
+                keys = k0.new_zeros((len(prompts), k0.shape[0], width, k0.shape[2]))
+                values = v0.new_zeros((len(prompts), v0.shape[0], width, v0.shape[2]))
+                for i, (n, kv) in enumerate(hits):
+                    if n:
+                        keys[i, :, width - n:] = kv[layer][0][:, :n]
+                        values[i, :, width - n:] = kv[layer][1][:, :n]
+                cache.update(keys, values, layer)
+        ids, new = left_pad([p[n:] for p, (n, _) in zip(prompts, hits)], self.pad_id, device)
+        mask = torch.cat([past.to(device), new], dim=1)
+        logits = self._forward(ids, mask, cache)
+        self.prefix_cache.hit_tokens += sum(n for n, _ in hits)
+        self.prefix_cache.miss_tokens += int(new.sum())
+        if self.prefix_cache.max_bytes > 0:
+            for i, p in enumerate(prompts):
+                real = mask[i].bool()
+                self.prefix_cache.add(p, [(layer.keys[i][:, real].clone(), layer.values[i][:, real].clone())
+                                          for layer in cache.layers])
+        return logits, mask
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """Logits of the last position: ids [B, T] new tokens, mask [B, past + T]. -> [B, V]"""
