@@ -135,7 +135,7 @@ def _reason(episode: Any, segment: str) -> str:
 def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example], cfg: DictConfig,
                    stats: Any) -> list[dict[str, Any]]:
     """Attempt 1 for every example; reflection + retry and each control for the failures only."""
-    from rrr.rollout import reflect_retry, sample_attempts
+    from rrr.rollout import reflect_retry_modes, sample_attempts
 
     controls, sampling, seed = controls_of(cfg), segment_sampling(cfg), int(cfg.seed)
     first = [a[0] for a in sample_attempts(engine, tokenizer, task, list(examples), cfg.prompts,
@@ -147,13 +147,12 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
     failed_examples, failed_samples = [examples[i] for i in failed], [first[i].sample for i in failed]
     failed_verdicts = [first[i].verdict for i in failed]
 
-    def retry(mode: str) -> list[Any]:
-        groups = reflect_retry(engine, tokenizer, task, failed_examples, failed_samples, cfg.prompts, sampling,
-                               group_size=1, seed=seed, step=STEP, reflection_mode=mode,
-                               verdicts1=failed_verdicts, stats=stats)
-        return [g[0] for g in groups]
-
-    for i, ep in zip(failed, retry("model")):
+    # the method and the reflection controls: their retries share one engine call (rollout.reflect_retry_modes)
+    modes = ["model"] + [REFLECTION_MODE[c] for c in controls if c in REFLECTION_MODE]
+    episodes = reflect_retry_modes(engine, tokenizer, task, failed_examples, failed_samples, cfg.prompts,
+                                   sampling, group_size=1, seed=seed, step=STEP, reflection_modes=modes,
+                                   verdicts1=failed_verdicts, stats=stats)
+    for i, (ep,) in zip(failed, episodes["model"]):
         rows[i].update(retry_columns(ep))
     for control in controls:
         if control == "best_of_2":
@@ -163,7 +162,7 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
             for i, (a,) in zip(failed, second):
                 rows[i].update(control_columns(control, a.text, a.verdict.reason, a.verdict.correct))
         else:
-            for i, ep in zip(failed, retry(REFLECTION_MODE[control])):
+            for i, (ep,) in zip(failed, episodes[REFLECTION_MODE[control]]):
                 rows[i].update(control_columns(control, ep.texts.get("attempt2", ""), _reason(ep, "attempt2"),
                                                ep.attempt2_correct))
     return rows

@@ -144,8 +144,23 @@ def reflect_retry(engine: Engine, tokenizer, task, examples: Sequence[Example], 
     as a fixed REFLECTION turn) or "none" (prompts.retry_no_reflection right after attempt 1) — the last
     two are evaluation controls. `verdicts1` (attempt-1 verdicts) are recomputed when not given.
     """
-    if reflection_mode not in REFLECTION_MODES:
-        raise UserError(f"unknown reflection mode {reflection_mode!r}; valid: {', '.join(REFLECTION_MODES)}")
+    return reflect_retry_modes(engine, tokenizer, task, examples, attempts1, prompts_cfg, sampling, group_size,
+                               seed, step, (reflection_mode,), verdicts1, stats)[reflection_mode]
+
+
+def reflect_retry_modes(engine: Engine, tokenizer, task, examples: Sequence[Example], attempts1: Sequence[Sample],
+                        prompts_cfg: Mapping, sampling: Mapping[str, SamplingParams], group_size: int, seed: int,
+                        step: int, reflection_modes: Sequence[str] = ("model",),
+                        verdicts1: Sequence[Verdict] | None = None,
+                        stats: RolloutStats | None = None) -> dict[str, list[list[Episode]]]:
+    """`reflect_retry` for several reflection modes at once (evaluation: the method and its controls).
+
+    The retries of every mode go to the engine in one call: decoding on CPU is bound by reading the
+    weights once per step, so one loop over 3B rows costs far less than three loops over B. Each retry
+    keeps its own seed, so the samples equal those of one call per mode.
+    """
+    if any(m not in REFLECTION_MODES for m in reflection_modes):
+        raise UserError(f"unknown reflection mode in {list(reflection_modes)}; valid: {', '.join(REFLECTION_MODES)}")
     if len(attempts1) != len(examples) or (verdicts1 is not None and len(verdicts1) != len(examples)):
         raise ValueError("reflect_retry needs one attempt 1 (and verdict) per example")
     if group_size < 1:
@@ -158,40 +173,47 @@ def reflect_retry(engine: Engine, tokenizer, task, examples: Sequence[Example], 
     G = group_size
 
     # Reflect: one shared prefix per example, G reflections each (one engine call for the whole batch).
-    if reflection_mode == "none":
-        prefixes = [attempt1_prefix(p, a1) for p, a1 in zip(prompts, attempts1)]
-    else:
-        prefixes = [reflection_prefix(p, a1, user_turn_delta(tokenizer, feedback_text(prompts_cfg, v1.reason)))
-                    for p, a1, v1 in zip(prompts, attempts1, verdicts1)]
-    reflections = _reflections(engine, tokenizer, examples, prefixes, prompts_cfg, sampling["reflection"], G,
-                               seed, step, reflection_mode, stats)
+    reflections: dict[str, list[list[Sample | None]]] = {}
+    retry_prefixes: dict[str, list[Tokens]] = {}
+    for mode in reflection_modes:
+        if mode == "none":
+            prefixes = [attempt1_prefix(p, a1) for p, a1 in zip(prompts, attempts1)]
+        else:
+            prefixes = [reflection_prefix(p, a1, user_turn_delta(tokenizer, feedback_text(prompts_cfg, v1.reason)))
+                        for p, a1, v1 in zip(prompts, attempts1, verdicts1)]
+        reflections[mode] = _reflections(engine, tokenizer, examples, prefixes, prompts_cfg, sampling["reflection"],
+                                         G, seed, step, mode, stats)
+        retry_prefixes[mode] = []
+        for prefix, a1, v1, group in zip(prefixes, attempts1, verdicts1, reflections[mode]):
+            retry = user_turn_delta(tokenizer, _retry_text(prompts_cfg, mode, v1.reason))
+            retry_prefixes[mode] += [retry_prefix(prefix, r, r if r is not None else a1, retry) for r in group]
 
-    # Retry: one attempt 2 per reflection (one engine call for all B·G retries).
-    retry_prefixes: list[Tokens] = []
-    for prefix, a1, v1, group in zip(prefixes, attempts1, verdicts1, reflections):
-        retry = user_turn_delta(tokenizer, _retry_text(prompts_cfg, reflection_mode, v1.reason))
-        retry_prefixes += [retry_prefix(prefix, r, r if r is not None else a1, retry) for r in group]
+    # Retry: one attempt 2 per reflection, every mode's B·G retries in one engine call.
     seeds = [[derive_seed(seed, step, ex.id, g, "attempt2")] for ex in examples for g in range(G)]
-    attempts2 = _generate(engine, [list(p.ids) for p in retry_prefixes], 1, sampling["attempt2"], seeds,
-                          "attempt2", stats)
+    flat = _generate(engine, [list(p.ids) for m in reflection_modes for p in retry_prefixes[m]], 1,
+                     sampling["attempt2"], seeds * len(reflection_modes), "attempt2", stats)
 
     # Reward: verify each retry.
-    episodes = []
-    for i, (ex, a1, v1) in enumerate(zip(examples, attempts1, verdicts1)):
-        group = []
-        for g in range(G):
-            a2 = attempts2[i * G + g][0]
-            text2 = _decode(tokenizer, a2.token_ids)
-            v2 = _verify(task, ex, text2, stats)
-            tokens = retry_prefixes[i * G + g].sampled(a2, Segment.ATTEMPT2)
-            ep = _episode(ex, i, g, tokens, {"attempt1": a1, "reflection": reflections[i][g], "attempt2": a2},
-                          tokenizer, v1)
-            ep.attempt2_correct = None if v2 is None else v2.correct
-            ep.reward = None if v2 is None else float(v2.correct)
-            ep.reasons["attempt2"] = UNSCORABLE.reason if v2 is None else v2.reason
-            group.append(ep)
-        episodes.append(group)
-    return episodes
+    out: dict[str, list[list[Episode]]] = {}
+    for k, mode in enumerate(reflection_modes):
+        attempts2 = flat[k * len(seeds):(k + 1) * len(seeds)]
+        episodes = []
+        for i, (ex, a1, v1) in enumerate(zip(examples, attempts1, verdicts1)):
+            group = []
+            for g in range(G):
+                a2 = attempts2[i * G + g][0]
+                text2 = _decode(tokenizer, a2.token_ids)
+                v2 = _verify(task, ex, text2, stats)
+                tokens = retry_prefixes[mode][i * G + g].sampled(a2, Segment.ATTEMPT2)
+                ep = _episode(ex, i, g, tokens, {"attempt1": a1, "reflection": reflections[mode][i][g],
+                                                 "attempt2": a2}, tokenizer, v1)
+                ep.attempt2_correct = None if v2 is None else v2.correct
+                ep.reward = None if v2 is None else float(v2.correct)
+                ep.reasons["attempt2"] = UNSCORABLE.reason if v2 is None else v2.reason
+                group.append(ep)
+            episodes.append(group)
+        out[mode] = episodes
+    return out
 
 
 def _reflections(engine: Engine, tokenizer, examples: Sequence[Example], prefixes: Sequence[Tokens],

@@ -105,5 +105,12 @@ def reflect_retry(engine, tokenizer, task, examples, attempts1, prompts_cfg, sam
     return groups
 
 
+def reflect_retry_modes(engine, tokenizer, task, examples, attempts1, prompts_cfg, sampling, group_size, seed, step,
+                        reflection_modes=("model",), verdicts1=None, stats=None):
+    return {m: reflect_retry(engine, tokenizer, task, examples, attempts1, prompts_cfg, sampling, group_size, seed,
+                             step, m, verdicts1, stats) for m in reflection_modes}
+
+
 fake_rollout = SimpleNamespace(prompt_ids=prompt_ids, sample_attempts=sample_attempts, reflect_retry=reflect_retry,
+                               reflect_retry_modes=reflect_retry_modes,
                                RolloutStats=RolloutStats, UNSCORABLE=UNSCORABLE)

@@ -221,3 +221,22 @@ def test_assembled_rollout_matches_the_qwen_style_template(qwen_style_tokenizer)
     expected = render_ids(tok, msgs, add_generation_prompt=False)
     # the template closes the last turn with `<|im_end|>\n`; the episode ends at the sampled `<|im_end|>`
     assert ep.token_ids == expected[:-1] and tok.decode(expected[-1:]) == "\n"
+
+
+def test_several_modes_share_one_retry_call_and_equal_one_call_per_mode(smol_tokenizer):
+    from rrr.rollout import reflect_retry_modes
+
+    engine = FakeEngine(smol_tokenizer, scripts())
+    examples = [example(i) for i in range(2)]
+    attempts = [failed_attempt(smol_tokenizer) for _ in examples]
+    modes = ("model", "none", "generic")
+    together = reflect_retry_modes(engine, smol_tokenizer, FakeTask(), examples, attempts, PROMPTS, SAMPLING,
+                                   group_size=G, seed=SEED, step=STEP, reflection_modes=modes)
+    retry_calls = [c for c in engine.calls if c["sampling"] == SAMPLING["attempt2"]]
+    assert len(engine.calls) == 2 and len(retry_calls) == 1               # one reflection call, one retry call
+    assert len(retry_calls[0]["seeds"]) == len(modes) * len(examples) * G
+    for mode in modes:
+        alone = reflect_retry(FakeEngine(smol_tokenizer, scripts()), smol_tokenizer, FakeTask(), examples,
+                              attempts, PROMPTS, SAMPLING, group_size=G, seed=SEED, step=STEP, reflection_mode=mode)
+        assert [[(e.token_ids, e.segment_ids, e.reward) for e in g] for g in together[mode]] == \
+               [[(e.token_ids, e.segment_ids, e.reward) for e in g] for g in alone]
