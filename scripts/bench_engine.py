@@ -1,10 +1,11 @@
-"""Time the stages of one evaluation batch (attempt 1, reflect, retry, each control) through the engine.
+"""Time one evaluation batch (attempt 1, reflection + retry, the three controls) through the engine.
 
     python scripts/bench_engine.py --examples 8 engine.prefix_cache_gb=0      # no prefix cache
-    python scripts/bench_engine.py --examples 8 engine.prefix_cache_gb=2      # the default
+    python scripts/bench_engine.py --examples 8                               # the default (2 GB)
 
-Prints seconds per stage, prompt tokens prefilled vs served from the prefix cache, and one JSON line.
-Hydra overrides after the options (default: the demo settings on qwen2.5-coder-0.5b, BFCL simple_python).
+Runs `rrr.evaluate.evaluate_batch`, the code `rrr evaluate` runs, on the first test examples, and prints
+seconds per generation stage, prompt tokens prefilled vs served from the prefix cache, and one JSON
+line. Hydra overrides follow the options (default: the demo settings, BFCL simple_python).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 
 from rrr.config import compose
 from rrr.engines import build_engine
-from rrr.evaluate import REFLECTION_MODE, segment_sampling
+from rrr.evaluate import evaluate_batch
 from rrr.models import load_model
-from rrr.rollout import reflect_retry, sample_attempts
+from rrr.rollout import RolloutStats
 from rrr.tasks import get_task
 
 
@@ -32,32 +33,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = compose(["experiment=demo", "model=qwen2.5-coder-0.5b", "task=function_calling", *args.overrides])
     model, tokenizer = load_model(cfg.model)
-    task, engine, sampling = get_task(cfg.task.name), build_engine(cfg, model, tokenizer), segment_sampling(cfg)
+    task, engine, stats = get_task(cfg.task.name), build_engine(cfg, model, tokenizer), RolloutStats()
     examples = task.load(cfg.task, "test", args.examples, int(cfg.seed))
+    start = time.perf_counter()
+    rows = evaluate_batch(engine, tokenizer, task, examples, cfg, stats)
+    total = time.perf_counter() - start
+    for segment, seconds in stats.seconds.items():
+        print(f"{segment:12s} {seconds:7.1f} s  {stats.samples[segment]:4d} samples  "
+              f"{stats.generated_tokens[segment]:6d} tokens")
+    result = {"examples": len(rows), "failed_attempt1": sum(not r["attempt1_correct"] for r in rows),
+              "threads": args.threads, "total_s": round(total, 1),
+              "stages_s": {k: round(v, 1) for k, v in stats.seconds.items()},
+              "generated_tokens": sum(stats.generated_tokens.values()), "overrides": args.overrides}
     cache = getattr(engine, "prefix_cache", None)
-    times: dict[str, float] = {}
-
-    def timed(name, fn):
-        start = time.perf_counter()
-        out = fn()
-        times[name] = round(time.perf_counter() - start, 1)
-        print(f"{name:22s} {times[name]:7.1f} s")
-        return out
-
-    first = timed("attempt1", lambda: [a[0] for a in sample_attempts(
-        engine, tokenizer, task, examples, cfg.prompts, sampling["attempt1"], n=1, seed=0, step=0)])
-    # every example goes through reflect/retry and the controls, failed or not: a fixed workload
-    samples, verdicts = [a.sample for a in first], [a.verdict for a in first]
-    timed("reflect+retry", lambda: reflect_retry(engine, tokenizer, task, examples, samples, cfg.prompts,
-                                                 sampling, group_size=1, seed=0, step=0, verdicts1=verdicts))
-    timed("best_of_2", lambda: sample_attempts(engine, tokenizer, task, examples, cfg.prompts,
-                                               sampling["attempt1"], n=1, seed=0, step=0, segment="best_of_2"))
-    for control in ("retry_no_reflection", "generic_reflection"):
-        timed(control, lambda: reflect_retry(engine, tokenizer, task, examples, samples, cfg.prompts, sampling,
-                                             group_size=1, seed=0, step=0, verdicts1=verdicts,
-                                             reflection_mode=REFLECTION_MODE[control]))
-    result = {"examples": args.examples, "threads": args.threads, "total_s": round(sum(times.values()), 1),
-              "stages_s": times, "overrides": args.overrides}
     if cache is not None:
         result |= {"prompt_tokens_prefilled": cache.miss_tokens, "prompt_tokens_from_cache": cache.hit_tokens}
     print(json.dumps(result))
