@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> Path:
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
     run_dir = new_run_dir(cfg, COMMAND)
     resuming = ckpt.latest_checkpoint(run_dir)
+    check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
     if resuming is not None:
@@ -390,11 +391,28 @@ def build_engine(cfg: DictConfig, model, tokenizer):
     return build(cfg, model, tokenizer)
 
 
+def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What must not change when a run is resumed: anything that changes the steps still to come
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `log.*` and `logger.*` may."""
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    train.pop("save_every")
+    return {"task": OmegaConf.to_container(cfg.task, resolve=True),
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+            "engine": str(cfg.engine.name), "seed": int(cfg.seed), "train": train}
+
+
+def check_resumable(run_dir: Path, command: str, fp: dict[str, Any]) -> None:
+    from rrr.failures import check_resumable as check
+
+    check(run_dir, command, fp)
+
+
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
     from rrr.failures import examples_sha256
     from rrr.models import model_provenance
 
-    return {"failures": str(cfg.train.failures), "failure_queries": len(examples),
+    return {"resume_fingerprint": resume_fingerprint(cfg),"failures": str(cfg.train.failures), "failure_queries": len(examples),
             "failures_sha256": examples_sha256(examples), "model": model_provenance(cfg.model),
             "train": OmegaConf.to_container(cfg.train, resolve=True),
             "seeds": {"run_seed": int(cfg.seed),
