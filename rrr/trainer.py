@@ -31,6 +31,7 @@ from rrr import grpo, rollout
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, Segment, collate
+from rrr.failures import check_resumable
 from rrr.rollout import sampling_from_cfg
 from rrr.logprobs import masked_logprobs
 from rrr.runs import MetricsWriter, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
@@ -402,17 +403,12 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
             "engine": str(cfg.engine.name), "seed": int(cfg.seed), "train": train}
 
 
-def check_resumable(run_dir: Path, command: str, fp: dict[str, Any]) -> None:
-    from rrr.failures import check_resumable as check
-
-    check(run_dir, command, fp)
-
-
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
     from rrr.failures import examples_sha256
     from rrr.models import model_provenance
 
-    return {"resume_fingerprint": resume_fingerprint(cfg),"failures": str(cfg.train.failures), "failure_queries": len(examples),
+    return {"resume_fingerprint": resume_fingerprint(cfg),
+            "failures": str(cfg.train.failures), "failure_queries": len(examples),
             "failures_sha256": examples_sha256(examples), "model": model_provenance(cfg.model),
             "train": OmegaConf.to_container(cfg.train, resolve=True),
             "seeds": {"run_seed": int(cfg.seed),

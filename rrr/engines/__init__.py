@@ -19,7 +19,7 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     name = cfg.engine.name
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size),
-                        prefix_cache_gb=float(cfg.engine.get("prefix_cache_gb", 0.0)))
+                        prefix_cache_gb=float(cfg.engine.prefix_cache_gb))
     if name == "vllm":
         from rrr.engines.vllm import VLLMEngine
         from rrr.models import resolve_device, resolve_dtype, weights_source
