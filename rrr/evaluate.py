@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr.config import UserError
 from rrr.episode import Segment
-from rrr.failures import (build_generator, check_resumable, chunks, done_ids, examples_sha256, model_info,
-                          read_parts, sampling_params, throughput, write_part)
-from rrr.runs import atomic_write_json, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
+from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, done_ids,
+                      examples_sha256, model_info, new_run_dir, read_parts, sampling_params, throughput,
+                      update_manifest, write_part, write_run_files)
 from rrr.stats import bootstrap_ci, distinct_ngram_ratio
 from rrr.tasks import Example, get_task
 from rrr.verifiers import VERIFIER_VERSION

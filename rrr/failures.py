@@ -13,18 +13,17 @@ to `parts/part_NNNNN.parquet` (every query, solved or not, so a resume knows it 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr.config import UserError
-from rrr.engines.base import SamplingParams
-from rrr.runs import atomic_write_json, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
+from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, data_sha256,
+                      done_ids, examples_sha256, model_info, new_run_dir, read_parts, sampling_params, throughput,
+                      update_manifest, write_part, write_run_files)
 from rrr.tasks import Example, get_task
 from rrr.verifiers import VERIFIER_VERSION
 
@@ -34,24 +33,6 @@ STEP = 0
 
 
 # ----------------------------------------------------------------------------- provenance
-
-def examples_sha256(examples: Sequence[Example]) -> str:
-    """Identity of an example *set*: sha256 of the sorted ids joined by newlines (order-free)."""
-    return hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
-
-
-def data_sha256(examples: Sequence[Example]) -> str:
-    """Identity of the example *content*: ids, sources and fields, in load order."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps(e.to_row(), sort_keys=True).encode() + b"\n")
-    return h.hexdigest()
-
-
-def sampling_params(node: DictConfig) -> SamplingParams:
-    return SamplingParams(max_tokens=int(node.max_tokens), temperature=float(node.temperature),
-                          top_p=float(node.top_p))
-
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a collection is resumed (data.limit may grow: that only adds queries)."""
@@ -66,19 +47,6 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
         "sampling": sampling_params(cfg.collect).__dict__,
         "verifier_version": VERIFIER_VERSION,
     }
-
-
-def check_resumable(run: Path, command: str, fp: dict[str, Any]) -> None:
-    manifest = run / "manifest.json"
-    if not manifest.exists():
-        return
-    old = json.loads(manifest.read_text())
-    if old.get("command") != command:
-        raise UserError(f"{run} is a {old.get('command')!r} run, not {command!r}; pass a {command} run_dir or none")
-    if old.get("resume_fingerprint") not in (None, fp):
-        changed = sorted(k for k in fp if old["resume_fingerprint"].get(k) != fp[k])
-        raise UserError(f"{run} was run with different settings ({', '.join(changed)}); "
-                        "use the same overrides to continue it, or drop run_dir=... to start a new run")
 
 
 # ----------------------------------------------------------------------------- one query's row
@@ -130,53 +98,7 @@ def format_summary(s: dict[str, Any]) -> str:
             f"generated {s['generated_tokens']} tokens ({s['tokens_per_s']} tokens/s)")
 
 
-# ----------------------------------------------------------------------------- parts (crash safety)
-
-def part_paths(parts: Path) -> list[Path]:
-    return sorted(parts.glob("part_*.parquet"))
-
-
-def read_parts(parts: Path, key: str = "id") -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in part_paths(parts)]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame()
-    # A query is in exactly one part; drop_duplicates only guards against a hand-copied part.
-    return pd.concat(frames, ignore_index=True).drop_duplicates(key, keep="first").reset_index(drop=True)
-
-
-def done_ids(parts: Path, key: str = "id") -> set[str]:
-    df = read_parts(parts, key)
-    return set() if df.empty else set(df[key].astype(str))
-
-
-def write_part(parts: Path, rows: list[dict[str, Any]]) -> Path:
-    path = parts / f"part_{len(part_paths(parts)):05d}.parquet"
-    atomic_write_parquet(path, pd.DataFrame(rows))
-    return path
-
-
-def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 # ----------------------------------------------------------------------------- pipeline
-
-def build_generator(cfg: DictConfig) -> tuple[Any, Any]:
-    """(engine, tokenizer) from cfg.model / cfg.engine; tests replace this with a fake."""
-    from rrr.engines import build_engine
-    from rrr.models import load_model
-
-    model, tokenizer = load_model(cfg.model)
-    return build_engine(cfg, model, tokenizer), tokenizer
-
-
-def model_info(cfg: DictConfig) -> dict[str, Any]:
-    from rrr.models import model_provenance
-
-    return model_provenance(cfg.model)
-
 
 def collect_chunk(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Example], cfg: DictConfig,
                   stats: Any) -> list[dict[str, Any]]:
@@ -189,12 +111,6 @@ def collect_chunk(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Exa
                                stats=stats)
     return [query_row(ex, atts, prompt_ids(tokenizer, task, ex, cfg.prompts), int(c.keep_attempts))
             for ex, atts in zip(examples, attempts)]
-
-
-def throughput(stats: Any) -> dict[str, Any]:
-    """Generated tokens and tokens/s of this invocation (a resumed run counts only what it generated)."""
-    return {"generated_tokens": int(sum(stats.generated_tokens.values())),
-            "tokens_per_s": round(float(stats.tokens_per_second), 1)}
 
 
 def validate(cfg: DictConfig) -> None:

