@@ -13,7 +13,7 @@ import typer
 from rrr.config import ConfigError, UserError, compose, to_yaml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Reflect, Retry, Reward: collect failures, train reflections with GRPO, evaluate, compare.")
+                  help="Reflect, Retry, Reward: collect failures, train reflections with GRPO, evaluate, benchmark, compare.")
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. task=countdown model=smollm2-135m train.lr=1e-6")
@@ -61,13 +61,19 @@ def evaluate(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -
 
 
 @app.command(context_settings=EXTRA)
+def benchmark(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """The forgetting check: lm-eval-harness tasks (bench.tasks) on the model, adapter applied."""
+    _run("benchmark", overrides, cfg)
+
+
+@app.command(context_settings=EXTRA)
 def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
     """Verify completions in a JSONL file: rrr verify task=countdown input=FILE.jsonl"""
     _run("verify", overrides, cfg)
 
 
 @app.command()
-def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate run directories"),
+def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or benchmark run directories"),
             out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""
     from rrr.compare import run as compare_run

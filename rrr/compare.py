@@ -1,4 +1,5 @@
-"""`rrr compare RUN_DIR... [--out DIR]`: the paper-style table from evaluate runs, with bootstrap CIs.
+"""`rrr compare RUN_DIR... [--out DIR]`: the paper-style table from evaluate runs, with bootstrap CIs, and
+the forgetting-check table from benchmark runs (rrr/bench_report.py), in one report.
 
 Every number is recomputed from each run's `results.parquet` (one row per example), so all runs get the
 same CI method and seed. Runs must cover the same task, split and examples: that makes every
@@ -375,22 +376,54 @@ def _default_out() -> Path:
 
 
 def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Path:
-    """Compare evaluate runs; write report.md, table.csv, deltas.csv and plots into `out`; return it."""
+    """Compare evaluate runs and/or benchmark runs; write report.md, the CSVs and plots into `out`."""
+    from rrr import bench_report
+
     if not run_dirs:
-        raise UserError("give at least one evaluate run directory: rrr compare RUN_DIR [RUN_DIR...]")
+        raise UserError("give at least one evaluate or benchmark run directory: rrr compare RUN_DIR [RUN_DIR...]")
+    bench_dirs = [Path(d) for d in run_dirs if bench_report.is_bench_run(Path(d))]
+    eval_dirs = [Path(d) for d in run_dirs if not bench_report.is_bench_run(Path(d))]
+    # read and check everything before the output directory exists
+    runs = load_evaluations(eval_dirs) if eval_dirs else []
+    bench_runs = bench_report.name_runs([bench_report.load_bench_run(p) for p in bench_dirs])
+    out = Path(out) if out else _default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    sections, names = [], [str(r.path) for r in runs + bench_runs]
+    if runs:
+        sections.append(compare_evaluations(runs, out, n_boot))
+    if bench_runs:
+        section, scores, deltas = bench_report.compare(bench_runs, out, n_boot)
+        sections += ([] if runs else ["# Forgetting check", ""]) + [section]
+        print()
+        print(bench_report.scores_markdown(scores, bench_runs))
+        if len(deltas):
+            print()
+            print(bench_report.deltas_markdown(deltas))
+    atomic_write_text(out / "report.md", "\n".join(sections))
+    atomic_write_json(out / "manifest.json", {"command": "compare", "runs": names, "git_sha": git_sha(),
+                                              "n_boot": n_boot})
+    print(f"\nreport: {out / 'report.md'}")
+    return out
+
+
+def load_evaluations(run_dirs: list[Path]) -> list[EvalRun]:
+    """Read evaluate runs, refuse incomparable ones, order and name them, align their examples."""
     runs = [load_run(Path(d)) for d in run_dirs]
     check_comparable(runs)
     runs = _name_runs(runs)
     ids = sorted(runs[0].outcomes.index)
     for r in runs:  # align rows so that index i is the same example in every run
         r.outcomes = r.outcomes.loc[ids]
+    return runs
 
+
+def compare_evaluations(runs: list[EvalRun], out: Path, n_boot: int) -> str:
+    """The evaluate part: accuracy table, paired deltas and plots; returns the report markdown."""
+    ids = list(runs[0].outcomes.index)
     acc = accuracy_table(runs, n_boot)
     deltas = trained_vs_vanilla(runs, n_boot)
     gaps = reflection_gaps(runs, n_boot)
 
-    out = Path(out) if out else _default_out()
-    out.mkdir(parents=True, exist_ok=True)
     plots = ["accuracy.png"]
     plot_accuracy(acc, f"{runs[0].task}, {runs[0].split} split, n={len(ids)}: accuracy with 95% bootstrap CIs",
                   out / "accuracy.png")
@@ -401,14 +434,10 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
         plots.append("reflection_length.png")
 
     report = render_report(runs, acc, deltas, gaps, plots, n_boot)
-    atomic_write_text(out / "report.md", report)
     atomic_write_text(out / "table.csv", acc.to_csv(index=False))
     atomic_write_text(out / "deltas.csv", pd.concat([deltas, gaps], ignore_index=True).to_csv(index=False))
-    atomic_write_json(out / "manifest.json", {"command": "compare", "runs": [str(r.path) for r in runs],
-                                              "git_sha": git_sha(), "n_boot": n_boot})
     print(accuracy_markdown(acc))
     if len(deltas):
         print()
         print(_delta_markdown(deltas, "model", ["first_try", "second_try"], ["Δ 1st try (pp)", "Δ 2nd try (pp)"]))
-    print(f"\nreport: {out / 'report.md'}")
-    return out
+    return report

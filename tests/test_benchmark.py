@@ -1,0 +1,206 @@
+"""`rrr benchmark` (lm-eval-harness) offline: a local lm-eval task (tests/lmeval_tasks: a multiple-choice
+group and a generation task over JSONL files) on tiny-random, vanilla and with a LoRA adapter that
+`rrr train` really trained; the run dir, the per-document scores, resume, and the compare table.
+
+The hub benchmarks (mmlu_pro, gsm8k, hellaswag, hendrycks_math) cannot run here (no hub): only their
+offline failure is tested."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import trainer_fakes
+from rrr import bench_report, benchmark, compare, trainer
+from rrr.cli import app
+from rrr.config import UserError, compose
+
+pytest.importorskip("lm_eval")
+torch.set_num_threads(1)
+TASKS = Path(__file__).parent / "lmeval_tasks"
+LOCAL = [f"bench.include_path={TASKS}", "bench.tasks=[rrr_arith,rrr_arith_gen]", "bench.bootstrap_iters=0"]
+N_ADD, N_SUB, N_GEN = 16, 12, 8
+
+
+def bench_cfg(run: Path, *extra: str):
+    return compose(["model=tiny-random", "model.device=cpu", f"run_dir={run}", *LOCAL, *extra])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
+    """A 2-step LoRA train run on tiny-random (real GRPO updates; fake engine and verifier, as in
+    test_trainer), then `rrr benchmark` on the vanilla model and on its final adapter."""
+    root = tmp_path_factory.mktemp("bench")
+    failures = trainer_fakes.write_failures(root / "failures", smol_tokenizer)
+    with pytest.MonkeyPatch.context() as mp:
+        trainer_fakes.install(mp, trainer)
+        train = trainer.run(compose([
+            "task=countdown", "model=tiny-random", f"train.failures={failures}", f"run_dir={root / 'train'}",
+            "train.steps=2", "train.batch_queries=2", "train.group_size=4", "train.micro_batch_size=4",
+            "train.lr=0.05", "train.warmup_steps=0", "train.sampling.attempt1.max_tokens=8",
+            "train.sampling.reflection.max_tokens=8", "train.sampling.attempt2.max_tokens=8", "log.progress=false"]))
+    adapter = train / "checkpoints" / "final"
+    vanilla = benchmark.run(bench_cfg(root / "vanilla"))
+    trained = benchmark.run(bench_cfg(root / "trained", f"model.path={adapter}"))
+    return {"root": root, "train": train, "adapter": adapter, "vanilla": vanilla, "trained": trained}
+
+
+def samples(run: Path) -> pd.DataFrame:
+    return pd.read_parquet(run / "samples.parquet")
+
+
+def test_run_dir_has_config_manifest_results_and_per_document_scores(runs):
+    run = runs["trained"]
+    for f in ("config.yaml", "manifest.json", "benchmark.parquet", "samples.parquet", "summary.json",
+              "tasks/rrr_arith/results.json", "tasks/rrr_arith_gen/samples.parquet"):
+        assert (run / f).exists(), f
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["command"] == "benchmark" and manifest["model_label"] == "trained"
+    assert manifest["lm_eval_version"] and manifest["versions"]["torch"]
+    assert Path(manifest["train_run"]) == runs["train"].resolve()
+    s = samples(run)
+    counts = s.groupby(["subtask", "metric", "filter"]).size().to_dict()
+    assert counts == {("rrr_arith_add", "acc", "none"): N_ADD, ("rrr_arith_sub", "acc", "none"): N_SUB,
+                      ("rrr_arith_gen", "exact_match", "first-number"): N_GEN}
+    assert set(s.score.unique()) <= {0.0, 1.0}
+    table = pd.read_parquet(run / "benchmark.parquet")
+    group = table[(table.name == "rrr_arith") & (table.metric == "acc")].iloc[0]
+    assert group.is_group and group.n == N_ADD + N_SUB
+    # lm-eval's size-weighted group mean is the pooled mean of the per-document scores rrr stores
+    assert group.value == pytest.approx(s[s.task == "rrr_arith"].score.mean())
+    add = table[table.name == "rrr_arith_add"].iloc[0]
+    assert add.value == pytest.approx(s[s.subtask == "rrr_arith_add"].score.mean())
+
+
+def _loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """log p(' ' + choice | context), split as lm-eval splits a request (context ids, then the rest)."""
+    out = []
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    for c in choices:
+        whole = tokenizer(context + " " + c, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), -1)
+        out.append(float(sum(logp[i - 1, whole[i]] for i in range(len(ctx), len(whole)))))
+    return out
+
+
+@pytest.mark.parametrize("which", ["vanilla", "trained"])
+def test_scores_are_the_models_own_loglikelihoods_adapter_applied(runs, which):
+    """Recompute document 0's choice log-likelihoods with the model rrr loads (the adapter through
+    model.path for the trained run): lm-eval scored exactly that model, and the adapter changed them."""
+    from rrr.models import load_model
+
+    overrides = ["model=tiny-random", "model.device=cpu"] + ([f"model.path={runs['adapter']}"] if which == "trained" else [])
+    model, tokenizer = load_model(compose(overrides).model)
+    doc = json.loads((TASKS / "arith_add.jsonl").read_text().splitlines()[0])
+    expected = _loglikelihoods(model, tokenizer, f"Question: {doc['question']}\nAnswer:", doc["choices"])
+    row = samples(runs[which]).query("subtask == 'rrr_arith_add' and doc_id == 0").iloc[0]
+    got = [ll for ll, _ in json.loads(row.response)]
+    assert got == pytest.approx(expected, abs=1e-3)
+    other = "vanilla" if which == "trained" else "trained"
+    theirs = [ll for ll, _ in json.loads(samples(runs[other]).query("subtask == 'rrr_arith_add' and doc_id == 0")
+                                          .iloc[0].response)]
+    assert max(abs(a - b) for a, b in zip(got, theirs)) > 1e-3
+
+
+def test_compare_table_pairs_vanilla_and_trained_per_document(runs, capsys):
+    out = compare.run([runs["trained"], runs["vanilla"]], runs["root"] / "cmp")
+    report = (out / "report.md").read_text()
+    assert "Forgetting check" in report and "benchmarks.png" in report
+    assert (out / "benchmarks.png").stat().st_size > 0
+    deltas = pd.read_csv(out / "benchmark_deltas.csv")
+    s_t, s_v = samples(runs["trained"]), samples(runs["vanilla"])
+    for bench, task in (("rrr_arith", "rrr_arith"), ("rrr_arith_gen", "rrr_arith_gen")):
+        row = deltas[deltas.benchmark == bench].iloc[0]
+        expected = s_t[s_t.task == task].score.mean() - s_v[s_v.task == task].score.mean()
+        assert row.delta == pytest.approx(expected)
+        assert row.lo <= row.delta <= row.hi and row.n == len(s_t[s_t.task == task])
+    scores = pd.read_csv(out / "benchmarks.csv")
+    assert set(scores.run) == {"tiny-random vanilla", "tiny-random trained"}
+    assert "tiny-random trained" in capsys.readouterr().out
+
+
+def test_compare_refuses_to_pair_different_documents_or_prompts(runs, tmp_path):
+    fewer = tmp_path / "fewer"
+    shutil.copytree(runs["trained"], fewer)
+    s = samples(fewer)
+    s[~((s.subtask == "rrr_arith_add") & (s.doc_id == 0))].to_parquet(fewer / "samples.parquet")
+    other_prompt = tmp_path / "prompt"
+    shutil.copytree(runs["trained"], other_prompt)
+    s = samples(other_prompt)
+    s.loc[s.task == "rrr_arith_gen", "prompt_hash"] = "x"
+    s.to_parquet(other_prompt / "samples.parquet")
+    for run, note in ((fewer, "different documents"), (other_prompt, "prompts differ")):
+        deltas = bench_report.paired_deltas(bench_report.name_runs(
+            [bench_report.load_bench_run(run), bench_report.load_bench_run(runs["vanilla"])]), 200)
+        bad = deltas[deltas.note.str.contains(note)]
+        assert len(bad) == 1 and np.isnan(bad.delta.iloc[0])
+
+
+def test_resume_skips_finished_tasks_and_refuses_other_settings(runs, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a finished task was evaluated again")
+
+    monkeypatch.setattr(benchmark, "evaluate_task", boom)
+    monkeypatch.setattr(benchmark, "build_lm", boom)
+    before = (runs["vanilla"] / "samples.parquet").read_bytes()
+    benchmark.run(bench_cfg(runs["vanilla"]))
+    assert pd.read_parquet(runs["vanilla"] / "samples.parquet").equals(pd.read_parquet(pd.io.common.BytesIO(before)))
+    with pytest.raises(UserError, match="different settings"):
+        benchmark.run(bench_cfg(runs["vanilla"], "bench.num_fewshot=1"))
+
+
+def test_task_plans_apply_per_task_overrides_and_reject_bad_values():
+    cfg = compose(["bench.tasks=[gsm8k,hellaswag]", "bench.limit=50", "bench.per_task={gsm8k:{num_fewshot:8}}"])
+    plans = benchmark.task_plans(cfg.bench)
+    assert [(p.name, p.num_fewshot, p.limit) for p in plans] == [("gsm8k", 8, 50), ("hellaswag", None, 50)]
+    assert benchmark.task_plans(compose(["bench.limit=0.25"]).bench)[0].limit == 0.25
+    assert [p.name for p in benchmark.task_plans(compose([]).bench)] == list(benchmark.PAPER_TASKS)
+    for bad, words in ((["bench.per_task={mmlu:{limit:3}}"], "not in bench.tasks"),
+                       (["bench.per_task={gsm8k:{shots:3}}"], "unknown keys"),
+                       (["bench.limit=1.5"], r"\(0, 1\)"), (["bench.tasks=[]"], "empty"),
+                       (["bench.tasks=[gsm8k,gsm8k]"], "twice"), (["bench.num_fewshot=-1"], ">= 0")):
+        with pytest.raises(UserError, match=words):
+            benchmark.task_plans(compose(bad).bench)
+
+
+@pytest.mark.slow   # an unknown name is looked up in lm-eval's full index of ~15k tasks (~10-30 s)
+@pytest.mark.parametrize("args, words", [
+    (["bench.tasks=[rrr_arith_ad]", f"bench.include_path={TASKS}"], "unknown lm-eval task 'rrr_arith_ad'; did you mean"),
+    (["bench.include_path=/no/such/dir"], "not a folder"),
+])
+def test_cli_user_errors_are_one_line(args, words, tmp_path):
+    result = CliRunner().invoke(app, ["benchmark", "model=tiny-random", f"run_dir={tmp_path / 'r'}", *args])
+    assert result.exit_code == 1, result.output
+    assert words in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow   # lm-eval's full task index (~10-30 s)
+def test_a_hub_benchmark_offline_is_one_clear_error(tmp_path, monkeypatch):
+    """gsm8k needs the hub (tests run with HF_HUB_OFFLINE=1 and an empty datasets cache)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="lm-eval task 'gsm8k' cannot load its data"):
+        benchmark.run(compose(["model=tiny-random", "model.device=cpu", f"run_dir={tmp_path / 'r'}",
+                               f"bench.include_path={TASKS}", "bench.tasks=[gsm8k]", "bench.limit=2"]))
+
+
+def test_missing_lm_eval_says_how_to_install(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_lm_eval(name, *a, **k):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(UserError, match=r"\.\[bench\]"):
+        benchmark.require_lm_eval()
