@@ -53,6 +53,9 @@ class EvalRun:
     train_run: Path | None           # where metrics.jsonl lives (None if vanilla or not found)
     train_note: str = ""             # why there are no training curves, if the manifest named a run
     tag: str = ""                    # label, plus the run directory's name when that label repeats
+    test_set: str = ""               # the test set these outcomes are from (one EvalRun per run × set)
+    relation: str = ""               # trained runs: how the set relates to the training data (rrr.testsets)
+    trained_on: str = ""             # trained runs: the sources the model trained on
 
     @property
     def name(self) -> str:
@@ -66,21 +69,38 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _read_outcomes(path: Path) -> pd.DataFrame:
+def _read_outcomes(path: Path, default_set: str) -> dict[str, pd.DataFrame]:
+    """Outcomes per test set (a run written before test sets existed is one set, `default_set`)."""
     import pyarrow.parquet as pq
 
     present = set(pq.read_schema(path).names)
     if "example_id" not in present:
         raise UserError(f"{path} has no example_id column; re-run `rrr evaluate` to rewrite it")
     keep = {key: col for key, (col, _) in METRICS.items() if col in present}
-    df = pd.read_parquet(path, columns=["example_id", *keep.values()])
-    if df["example_id"].duplicated().any():
-        raise UserError(f"{path} lists some example_id twice; re-run `rrr evaluate` to rewrite it")
-    df = df.set_index(df["example_id"].astype(str)).drop(columns="example_id")
-    df = df.rename(columns={col: key for key, col in keep.items()})
-    # a control that was not run is an all-missing column; otherwise missing means "not solved"
-    df = df.loc[:, df.notna().any()]
-    return df.fillna(False).astype(bool)
+    cols = ["example_id", *keep.values()] + (["test_set"] if "test_set" in present else [])
+    df = pd.read_parquet(path, columns=cols)
+    if "test_set" not in df:
+        df["test_set"] = default_set
+    out = {}
+    for name, g in df.groupby("test_set", sort=False):
+        if g["example_id"].duplicated().any():
+            raise UserError(f"{path} lists some example_id twice in test set {name!r}; re-run `rrr evaluate`")
+        g = g.set_index(g["example_id"].astype(str)).drop(columns=["example_id", "test_set"])
+        g = g.rename(columns={col: key for key, col in keep.items()})
+        # a control that was not run is an all-missing column; otherwise missing means "not solved"
+        g = g.loc[:, g.notna().any()]
+        out[str(name)] = g.fillna(False).astype(bool)
+    return out
+
+
+def _train_task(recorded: str | None, run: Path):
+    """The task config the model was trained on (the train run's config.yaml), or None."""
+    if not recorded:
+        return None
+    for candidate in (Path(recorded), run / recorded):
+        if (candidate / "config.yaml").exists():
+            return OmegaConf.select(OmegaConf.load(candidate / "config.yaml"), "task", default=None)
+    return None
 
 
 def _find_train_run(run: Path, recorded: str | None) -> tuple[Path | None, str]:
@@ -92,8 +112,11 @@ def _find_train_run(run: Path, recorded: str | None) -> tuple[Path | None, str]:
     return None, f"train run {recorded} (named by {run}) has no metrics.jsonl here; no training curves"
 
 
-def load_run(path: Path) -> EvalRun:
-    """Read one evaluate run directory (config.yaml, manifest.json, results.parquet, summary.json)."""
+def load_run(path: Path) -> list[EvalRun]:
+    """Read one evaluate run directory (config.yaml, manifest.json, results.parquet, summary.json): one
+    EvalRun per test set, each flagged with how it relates to what a trained model was trained on."""
+    from rrr.testsets import source_name, trained_on, training_relation
+
     path = Path(path)
     if not (path / "results.parquet").exists():
         raise UserError(f"{path} is not an evaluate run (no results.parquet); "
@@ -113,11 +136,26 @@ def load_run(path: Path) -> EvalRun:
     recorded_train = manifest.get("train_run")
     label = manifest.get("model_label") or summary.get("label") or ("trained" if recorded_train else "vanilla")
     train_run, note = _find_train_run(path, recorded_train)
-    return EvalRun(path=path, model=pick("model.name", "model"), label=str(label),
-                   task=pick("task.name", "task"), split=pick("eval.split", "split"),
-                   examples_sha256=manifest.get("examples_sha256"),
-                   outcomes=_read_outcomes(path / "results.parquet"),
-                   reflection=summary.get("reflection") or {}, train_run=train_run, train_note=note)
+    train_task = _train_task(recorded_train, path) if label == "trained" else None
+    sets = {s["name"]: s for s in manifest.get("test_sets") or []}
+    task_node = OmegaConf.select(cfg, "task", default=None)
+    default_set = next(iter(sets)) if len(sets) == 1 else (source_name(task_node) if task_node is not None
+                                                           and "source" in task_node else pick("task.name", "task"))
+    runs = []
+    for name, outcomes in _read_outcomes(path / "results.parquet", default_set).items():
+        meta = sets.get(name, {})
+        set_task = OmegaConf.create(meta["task_config"]) if meta.get("task_config") else task_node
+        per_set = (summary.get("test_sets") or {}).get(name) or summary
+        runs.append(EvalRun(
+            path=path, model=pick("model.name", "model"), label=str(label),
+            task=str(meta.get("task") or pick("task.name", "task")), split=pick("eval.split", "split"),
+            examples_sha256=meta.get("examples_sha256") or (manifest.get("examples_sha256") if not sets or
+                                                               len(sets) == 1 else None),
+            outcomes=outcomes, reflection=per_set.get("reflection") or {}, train_run=train_run, train_note=note,
+            test_set=name,
+            relation=training_relation(set_task, train_task) if label == "trained" and set_task is not None else "",
+            trained_on=trained_on(train_task) if train_task is not None else ""))
+    return runs
 
 
 # ---------------------------------------------------------------- comparability
@@ -336,11 +374,13 @@ def _training_curves(runs: list[EvalRun]) -> dict[str, pd.DataFrame]:
 # ---------------------------------------------------------------- report
 
 def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, gaps: pd.DataFrame,
-                  plots: list[str], n_boot: int) -> str:
+                  plots: list[str], n_boot: int, level: int = 1) -> str:
+    """The report of one test set; `level` 2 nests it as a section of a several-set report."""
     ref = runs[0]
-    parts = [
-        f"# R3 comparison: {ref.task} ({ref.split} split, {len(ref.outcomes)} examples)",
-        "",
+    h = "#" * level
+    title = (f"R3 comparison: {ref.task} ({ref.split} split, {len(ref.outcomes)} examples)" if level == 1
+             else f"Test set {ref.test_set} ({ref.task}, {ref.split} split, {len(ref.outcomes)} examples)")
+    parts = [f"{h} {title}", ""] + relation_lines(runs) + [
         f"Accuracy in %, with 95% percentile-bootstrap CIs ({n_boot} resamples over examples). "
         "2nd try = solved at attempt 1, or at attempt 2 after a self-reflection. Controls give the same "
         "failures a second chance without the model's reflection: best-of-2 = a second independent "
@@ -352,19 +392,26 @@ def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, 
     ]
     if len(deltas):
         keys = list(METRICS)
-        parts += ["## Trained − vanilla (percentage points, paired bootstrap over the same examples)", "",
+        parts += [f"{h}# Trained − vanilla (percentage points, paired bootstrap over the same examples)", "",
                   _delta_markdown(deltas, "model", keys, [t for _, t in METRICS.values()]), ""]
-    parts += ["## Does the reflection help? 2nd try − control, per run (pp, paired)", "",
+    parts += [f"{h}# Does the reflection help? 2nd try − control, per run (pp, paired)", "",
               "Positive: the model's own reflection beats the control's second chance.", "",
               _delta_markdown(gaps, "run_a", list(CONTROLS), [f"2nd try − {METRICS[c][1]}" for c in CONTROLS])
               .replace("| run_a |", "| run |", 1), "",
-              "## Reflections (tokens; from each run's summary.json)", "", reflection_markdown(runs), ""]
+              f"{h}# Reflections (tokens; from each run's summary.json)", "", reflection_markdown(runs), ""]
     if plots:
-        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+        parts += [f"{h}# Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     notes = [r.train_note for r in runs if r.train_note]
-    parts += ["## Runs", ""] + [f"- `{r.path}`: {r.name}" + (f", trained in `{r.train_run}`" if r.train_run else "")
+    parts += [f"{h}# Runs", ""] + [f"- `{r.path}`: {r.name}" + (f", trained in `{r.train_run}`" if r.train_run else "")
                                 for r in runs] + [f"- note: {n}" for n in notes] + [""]
     return "\n".join(parts)
+
+
+def relation_lines(runs: list[EvalRun]) -> list[str]:
+    """One line per trained run: was this test set in its training data (rrr.testsets.training_relation)?"""
+    lines = [f"- **{r.name}**: {r.relation}" + (f" (trained on {r.trained_on})" if r.trained_on else "")
+             for r in runs if r.label == "trained" and r.relation]
+    return ["Training data of the trained model(s) vs this test set:", ""] + lines + [""] if lines else []
 
 
 def _default_out() -> Path:
@@ -384,11 +431,12 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
     bench_dirs = [Path(d) for d in run_dirs if bench_report.is_bench_run(Path(d))]
     eval_dirs = [Path(d) for d in run_dirs if not bench_report.is_bench_run(Path(d))]
     # read and check everything before the output directory exists
-    runs = load_evaluations(eval_dirs) if eval_dirs else []
+    runs = load_evaluations(eval_dirs) if eval_dirs else {}
     bench_runs = bench_report.name_runs([bench_report.load_bench_run(p) for p in bench_dirs])
     out = Path(out) if out else _default_out()
     out.mkdir(parents=True, exist_ok=True)
-    sections, names = [], [str(r.path) for r in runs + bench_runs]
+    names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *bench_runs]))
+    sections = []
     if runs:
         sections.append(compare_evaluations(runs, out, n_boot))
     if bench_runs:
@@ -406,38 +454,86 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
     return out
 
 
-def load_evaluations(run_dirs: list[Path]) -> list[EvalRun]:
-    """Read evaluate runs, refuse incomparable ones, order and name them, align their examples."""
-    runs = [load_run(Path(d)) for d in run_dirs]
-    check_comparable(runs)
-    runs = _name_runs(runs)
-    ids = sorted(runs[0].outcomes.index)
-    for r in runs:  # align rows so that index i is the same example in every run
-        r.outcomes = r.outcomes.loc[ids]
-    return runs
+def load_evaluations(run_dirs: list[Path]) -> dict[str, list[EvalRun]]:
+    """Read evaluate runs; per test set (in the order the runs list them): refuse incomparable runs,
+    order and name them, and align their examples."""
+    loaded = [load_run(Path(d)) for d in run_dirs]
+    by_set: dict[str, list[EvalRun]] = {}
+    if all(len(sets) == 1 for sets in loaded):
+        # one set per run (as before test sets): all runs are compared, and must be comparable
+        by_set[loaded[0][0].test_set] = [sets[0] for sets in loaded]
+    else:
+        for sets in loaded:
+            for r in sets:
+                by_set.setdefault(r.test_set, []).append(r)
+        if len(loaded) > 1 and all(len(runs) == 1 for runs in by_set.values()):
+            raise UserError(f"runs are not comparable: {', '.join(str(d) for d in run_dirs)} share no test set; "
+                            "evaluate them on the same eval.test_sets")
+    for name, runs in by_set.items():
+        check_comparable(runs)
+        runs = _name_runs(runs)
+        ids = sorted(runs[0].outcomes.index)
+        for r in runs:  # align rows so that index i is the same example in every run
+            r.outcomes = r.outcomes.loc[ids]
+        by_set[name] = runs
+    return by_set
 
 
-def compare_evaluations(runs: list[EvalRun], out: Path, n_boot: int) -> str:
-    """The evaluate part: accuracy table, paired deltas and plots; returns the report markdown."""
-    ids = list(runs[0].outcomes.index)
-    acc = accuracy_table(runs, n_boot)
-    deltas = trained_vs_vanilla(runs, n_boot)
-    gaps = reflection_gaps(runs, n_boot)
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
-    plots = ["accuracy.png"]
-    plot_accuracy(acc, f"{runs[0].task}, {runs[0].split} split, n={len(ids)}: accuracy with 95% bootstrap CIs",
-                  out / "accuracy.png")
-    curves = _training_curves(runs)
+
+def compare_evaluations(by_set: dict[str, list[EvalRun]], out: Path, n_boot: int) -> str:
+    """The evaluate part: per test set, accuracy table, paired deltas and a plot; returns the markdown."""
+    single = len(by_set) == 1
+    sections, tables, all_deltas = [], [], []
+    curves = _training_curves([r for runs in by_set.values() for r in runs])
+    train_plots = []
     if plot_training(curves, "reward_mean", "retry success rate (reward mean)", out / "train_reward.png"):
-        plots.append("train_reward.png")
+        train_plots.append("train_reward.png")
     if plot_training(curves, "reflection_len_mean", "reflection length (tokens)", out / "reflection_length.png"):
-        plots.append("reflection_length.png")
+        train_plots.append("reflection_length.png")
+    for name, runs in by_set.items():
+        ref = runs[0]
+        acc = accuracy_table(runs, n_boot)
+        deltas = trained_vs_vanilla(runs, n_boot)
+        gaps = reflection_gaps(runs, n_boot)
+        plot = "accuracy.png" if single else f"accuracy_{_slug(name)}.png"
+        what = ref.task if single else f"{name} ({ref.task})"
+        plot_accuracy(acc, f"{what}, {ref.split} split, n={len(ref.outcomes)}: accuracy with 95% bootstrap CIs",
+                      out / plot)
+        sections.append(render_report(runs, acc, deltas, gaps, [plot] + (train_plots if single else []), n_boot,
+                                      level=1 if single else 2))
+        for df in (acc, deltas, gaps):
+            df.insert(0, "test_set", name)
+            if len(df):
+                df.insert(1, "relation", df["run_a" if "run_a" in df else "run"].map(
+                    {r.name: r.relation for r in runs}).fillna(""))
+        tables.append(acc)
+        all_deltas += [deltas, gaps]
+        print(f"\n[{name}]" if not single else "")
+        print(accuracy_markdown(acc))
+        if len(deltas):
+            print()
+            print(_delta_markdown(deltas, "model", ["first_try", "second_try"], ["Δ 1st try (pp)", "Δ 2nd try (pp)"]))
+    atomic_write_text(out / "table.csv", pd.concat(tables, ignore_index=True).to_csv(index=False))
+    atomic_write_text(out / "deltas.csv", pd.concat(all_deltas, ignore_index=True).to_csv(index=False))
+    if single:
+        return sections[0]
+    head = [f"# R3 comparison: {len(by_set)} test sets", "",
+            "Each test set is scored and bootstrapped apart (its own examples, CIs and paired deltas). "
+            "2nd-try accuracy in % per run and set; the last column says, for the trained model, whether "
+            "the set was in its training data.", "", overview_markdown(by_set, n_boot), ""]
+    tail = ["## Training curves", ""] + [f"![{p}]({p})" for p in train_plots] + [""] if train_plots else []
+    return "\n".join(head + sections + tail)
 
-    report = render_report(runs, acc, deltas, gaps, plots, n_boot)
-    atomic_write_text(out / "table.csv", acc.to_csv(index=False))
-    atomic_write_text(out / "deltas.csv", pd.concat([deltas, gaps], ignore_index=True).to_csv(index=False))
-    print(accuracy_markdown(acc))
-    if len(deltas):
-        print()
-        print(_delta_markdown(deltas, "model", ["first_try", "second_try"], ["Δ 1st try (pp)", "Δ 2nd try (pp)"]))
-    return report
+
+def overview_markdown(by_set: dict[str, list[EvalRun]], n_boot: int) -> str:
+    names = list(dict.fromkeys(r.name for runs in by_set.values() for r in runs))
+    rows = []
+    for name, runs in by_set.items():
+        cells = {r.name: _pct(*bootstrap_ci(r.outcomes["second_try"], n_boot)) if "second_try" in r.outcomes
+                 else "—" for r in runs}
+        relation = "; ".join(sorted({r.relation for r in runs if r.relation})) or "—"
+        rows.append([name, str(len(runs[0].outcomes))] + [cells.get(n, "—") for n in names] + [relation])
+    return _md_table(["test set", "n"] + names + ["trained model vs this set"], rows)

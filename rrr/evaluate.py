@@ -11,12 +11,17 @@ solved at attempt 1 or at attempt 2 after reflecting. In the same pass, on the s
 Seeds derive from (seed, step=0, example id, sample index, segment), so the same seed and example give the
 same attempt 1 in every evaluate run: vanilla and trained runs are paired example by example.
 
+Several test sets (`eval.test_sets`, rrr/testsets.py): the same loop runs once per set, each set with its
+own task, prompts and examples; results.parquet gets a `test_set` column and summary.json a summary (with
+CIs) per set, so transfer to sources and tasks the model never trained on is visible.
+
 Crash safety: examples run in batches of `eval.batch_queries`; each finished batch is written atomically
-to `parts/part_NNNNN.parquet`; `run_dir=...` resumes and skips the example ids already there.
+to `parts/part_NNNNN.parquet` (`parts/<set>/` with several sets); `run_dir=...` resumes and skips the example ids already there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -33,6 +38,8 @@ from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, 
                       update_manifest, write_part, write_run_files)
 from rrr.stats import bootstrap_ci, distinct_ngram_ratio
 from rrr.tasks import Example, get_task
+from rrr.testsets import TestSet
+from rrr.testsets import resolve as resolve_test_sets
 from rrr.verifiers import VERIFIER_VERSION
 
 COMMAND = "evaluate"
@@ -220,6 +227,32 @@ def format_table(summary: dict[str, Any], controls: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------- pipeline
 
+def load_examples(ts: TestSet, cfg: DictConfig) -> list[Example]:
+    examples = get_task(ts.task).load(ts.cfg.task, cfg.eval.split, ts.limit, int(cfg.seed))
+    if not examples:
+        raise UserError(f"no examples in test set {ts.name!r} (split {cfg.eval.split!r}); check eval.split / "
+                        "eval.limit / eval.test_sets")
+    return examples
+
+
+def parts_dir(run_dir: Path, ts: TestSet) -> Path:
+    """A run with one set keeps today's layout (parts/); several sets get parts/<set>/ each."""
+    return run_dir / "parts" if ts.default else run_dir / "parts" / ts.slug
+
+
+def set_fingerprint(sets: Sequence[TestSet]) -> list[dict[str, Any]] | None:
+    if len(sets) == 1 and sets[0].default:
+        return None
+    return [{"name": ts.name, "task": OmegaConf.to_container(ts.cfg.task, resolve=True),
+             "prompts": OmegaConf.to_container(ts.cfg.prompts, resolve=True)} for ts in sets]
+
+
+def set_manifest(ts: TestSet, examples: Sequence[Example], cfg: DictConfig) -> dict[str, Any]:
+    return {"name": ts.name, "task": ts.task, "split": str(cfg.eval.split), "limit": ts.limit,
+            "task_config": OmegaConf.to_container(ts.cfg.task, resolve=True),
+            "examples": len(examples), "examples_sha256": examples_sha256(examples)}
+
+
 def run(cfg: DictConfig) -> Path:
     from tqdm.auto import tqdm
 
@@ -229,15 +262,17 @@ def run(cfg: DictConfig) -> Path:
     controls = controls_of(cfg)
     if int(cfg.eval.batch_queries) < 1:
         raise UserError("eval.batch_queries must be >= 1")
-    task = get_task(cfg.task.name)
-    examples = task.load(cfg.task, cfg.eval.split, cfg.eval.limit, int(cfg.seed))
-    if not examples:
-        raise UserError(f"no {cfg.task.name} examples in split {cfg.eval.split!r}; check eval.split / eval.limit")
+    sets = resolve_test_sets(cfg)
+    examples_of = {ts.name: load_examples(ts, cfg) for ts in sets}
+    everything = [e for ts in sets for e in examples_of[ts.name]]
     run_dir = new_run_dir(cfg, COMMAND)
     fp = fingerprint(cfg)
+    if set_fingerprint(sets) is not None:
+        fp["test_sets"] = set_fingerprint(sets)
     check_resumable(run_dir, COMMAND, fp)
     model_path = cfg.model.get("path")
     label = "trained" if model_path else "vanilla"
+    single = len(sets) == 1
     write_run_files(run_dir, cfg, COMMAND, extra={
         "resume_fingerprint": fp,
         "task": cfg.task.name,
@@ -251,38 +286,57 @@ def run(cfg: DictConfig) -> Path:
         "seeds": {"run_seed": int(cfg.seed), "step": STEP,
                   "derivation": "derive_seed(run_seed, step, example_id, sample_index, segment)"},
         "verifier_version": VERIFIER_VERSION,
-        "examples": len(examples),
-        "examples_sha256": examples_sha256(examples),
+        "test_sets": [set_manifest(ts, examples_of[ts.name], cfg) for ts in sets],
+        "examples": len(everything),
+        # one set: the hash of its examples, as before; several: over "set/example_id"
+        "examples_sha256": examples_sha256(everything) if single else hashlib.sha256("\n".join(sorted(
+            f"{ts.name}/{e.id}" for ts in sets for e in examples_of[ts.name])).encode()).hexdigest(),
     })
 
-    parts = run_dir / "parts"
-    done = done_ids(parts, key="example_id")
-    todo = [e for e in examples if e.id not in done]
-    if done:
-        print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} examples already done")
     stats = RolloutStats()
-    if todo:
-        engine, tokenizer = build_generator(cfg)
-        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example", desc="evaluate",
-                   disable=not cfg.log.progress)
+    engine = tokenizer = None
+    for ts in sets:                                   # each test set: today's per-source loop
+        examples, parts = examples_of[ts.name], parts_dir(run_dir, ts)
+        done = done_ids(parts, key="example_id")
+        todo = [e for e in examples if e.id not in done]
+        if done:
+            print(f"resuming {run_dir} [{ts.name}]: {len(examples) - len(todo)} of {len(examples)} examples done")
+        if not todo:
+            continue
+        if engine is None:
+            engine, tokenizer = build_generator(cfg)
+        task = get_task(ts.task)
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example",
+                   desc=f"evaluate {ts.name}" if not single else "evaluate", disable=not cfg.log.progress)
         for batch in chunks(todo, int(cfg.eval.batch_queries)):
-            write_part(parts, evaluate_batch(engine, tokenizer, task, batch, cfg, stats))
+            write_part(parts, evaluate_batch(engine, tokenizer, task, batch, ts.cfg, stats))
             bar.update(len(batch))
         bar.close()
 
-    order = {e.id: i for i, e in enumerate(examples)}
-    df = read_parts(parts, key="example_id")
-    df = df[df.example_id.isin(order)].sort_values("example_id", key=lambda s: s.map(order))
-    df = df.reset_index(drop=True)
+    frames, per_set = [], {}
+    for ts in sets:
+        df = set_results(parts_dir(run_dir, ts), examples_of[ts.name])
+        df.insert(0, "test_set", ts.name)
+        frames.append(df)
+        per_set[ts.name] = {**summarize(df, controls, int(cfg.eval.bootstrap_samples), int(cfg.seed)),
+                            "task": ts.task, "split": str(cfg.eval.split)}
+    df = pd.concat(frames, ignore_index=True)
     atomic_write_parquet(run_dir / "results.parquet", df)
-    summary = {
-        **summarize(df, controls, int(cfg.eval.bootstrap_samples), int(cfg.seed)),
-        "task": cfg.task.name, "model": str(cfg.model.name), "label": label,
-        **throughput(stats), "wall_s": round(time.time() - t0, 2),
-    }
+    common = {"model": str(cfg.model.name), "label": label, **throughput(stats), "wall_s": round(time.time() - t0, 2)}
+    # one set: today's top-level summary; several: the total n, and each set under test_sets
+    top = per_set[sets[0].name] if single else {"n": len(df)}
+    summary = {**top, "task": cfg.task.name, **common, "test_sets": per_set}
     atomic_write_json(run_dir / "summary.json", summary)
     update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    print(format_table(summary, controls))
+    for name, s in per_set.items():
+        print(format_table({**s, **common, "task": s["task"] if single else f"{name} ({s['task']})"}, controls))
     print(f"results: {run_dir / 'results.parquet'}")
     return run_dir
 
+
+def set_results(parts: Path, examples: Sequence[Example]) -> pd.DataFrame:
+    """The rows of one test set's examples, in load order."""
+    order = {e.id: i for i, e in enumerate(examples)}
+    df = read_parts(parts, key="example_id")
+    df = df[df.example_id.isin(order)].sort_values("example_id", key=lambda s: s.map(order))
+    return df.reset_index(drop=True)

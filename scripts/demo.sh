@@ -3,7 +3,7 @@
 # All settings: conf/experiment/demo.yaml (override any of them: `make demo ARGS="train.steps=5"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RRR=.venv/bin/rrr
+RRR=${RRR:-.venv/bin/rrr}   # e.g. RRR="python -m rrr.cli" for another environment
 EXP=${EXP:-demo}
 OUT=${OUT:-outputs/$EXP/$(date +%Y%m%d-%H%M%S)}
 ARGS=(experiment=$EXP model=qwen2.5-coder-0.5b task=function_calling ${ARGS:-})
@@ -14,7 +14,7 @@ stage "collect failures on the training split"
 $RRR collect-failures "${ARGS[@]}" data.split=train run_dir="$OUT/failures"
 stage "train reflections with GRPO (LoRA)"
 $RRR train "${ARGS[@]}" train.failures="$OUT/failures" run_dir="$OUT/train"
-stage "evaluate the vanilla model on the test split"
+stage "evaluate the vanilla model on the test sets (BFCL simple_python, multiple)"
 $RRR evaluate "${ARGS[@]}" run_dir="$OUT/eval-vanilla"
 stage "evaluate the trained model on the same examples and seeds"
 $RRR evaluate "${ARGS[@]}" model.path="$OUT/train/checkpoints/final" run_dir="$OUT/eval-trained"

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 import rrr.evaluate as evaluate
 from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
@@ -145,3 +146,99 @@ def test_cli_end_to_end_on_tiny_random_and_paired_attempt1(tmp_path):
     # Pairing: another run (other batching, no controls) draws the same attempt 1 per example.
     bare = evaluate_cli(f"out_root={tmp_path}/b", "eval.batch_queries=3", "eval.controls=[]")
     assert bare.attempt1_text.tolist() == full.attempt1_text.tolist()
+
+
+# ----------------------------------------------------------------------------- several test sets
+
+@pytest.fixture
+def two_tasks(monkeypatch):
+    """Countdown and function calling as two fake tasks (5 and 3 examples), so sets differ in content."""
+    tasks = {"countdown": FakeTask(make_examples(SOLVE)), "function_calling": FakeTask(make_examples(SOLVE[1:4]))}
+    state = SimpleNamespace(tasks=tasks, engine=FakeEngine(), batches=[])
+    monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
+    monkeypatch.setattr(evaluate, "get_task", lambda name: tasks[name])
+    monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
+    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    batch = evaluate.evaluate_batch
+
+    def spy(engine, tokenizer, task, examples, cfg, stats):
+        state.batches.append((cfg.task.name, cfg.prompts.system[:20], [e.id for e in examples]))
+        return batch(engine, tokenizer, task, examples, cfg, stats)
+
+    monkeypatch.setattr(evaluate, "evaluate_batch", spy)
+    return state
+
+
+SETS = "eval.test_sets=[countdown,bfcl:multiple]"
+
+
+def test_several_test_sets_are_scored_and_summarised_apart(tmp_path, two_tasks, capsys):
+    run = evaluate.run(cfg_for(tmp_path, SETS))
+    df = pd.read_parquet(run / "results.parquet")
+    assert df.groupby("test_set", sort=False).size().to_dict() == {"countdown:generated": 5, "bfcl:multiple": 3}
+    fc = df[df.test_set == "bfcl:multiple"]
+    assert fc.second_try_correct.tolist() == [True, False, False]          # SOLVE[1:4]: only the 1st is fixed
+    # each set ran with its own task and prompts
+    assert {(t, p) for t, p, _ in two_tasks.batches} == {
+        ("countdown", compose(["task=countdown"]).prompts.system[:20]),
+        ("function_calling", compose(["task=function_calling"]).prompts.system[:20])}
+    s = json.loads((run / "summary.json").read_text())
+    assert s["n"] == 8 and set(s["test_sets"]) == {"countdown:generated", "bfcl:multiple"}
+    assert s["test_sets"]["countdown:generated"]["second_try"]["acc"] == pytest.approx(0.4)
+    assert s["test_sets"]["bfcl:multiple"]["second_try"]["acc"] == pytest.approx(1 / 3)
+    assert len(s["test_sets"]["bfcl:multiple"]["second_try"]["ci"]) == 2
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [(t["name"], t["task"], t["examples"]) for t in manifest["test_sets"]] == [
+        ("countdown:generated", "countdown", 5), ("bfcl:multiple", "function_calling", 3)]
+    assert (run / "parts" / "bfcl_multiple").is_dir() and not list((run / "parts").glob("part_*.parquet"))
+    out = capsys.readouterr().out
+    assert "bfcl:multiple (function_calling)" in out and "countdown:generated (countdown)" in out
+
+
+def test_one_source_keeps_todays_layout(tmp_path, two_tasks):
+    run = evaluate.run(cfg_for(tmp_path))
+    assert list((run / "parts").glob("part_*.parquet"))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["n"] == 5 and s["second_try"]["acc"] == pytest.approx(0.4) and list(s["test_sets"]) == ["countdown:generated"]
+    assert set(pd.read_parquet(run / "results.parquet").test_set) == {"countdown:generated"}
+
+
+def test_resume_with_several_sets_repeats_no_example(tmp_path, two_tasks):
+    reference = pd.read_parquet(evaluate.run(cfg_for(tmp_path / "ref", SETS)) / "results.parquet")
+    two_tasks.engine = FakeEngine(crash_on_call=11)       # countdown takes 10 calls; dies in bfcl:multiple
+    with pytest.raises(CrashingEngine):
+        evaluate.run(cfg_for(tmp_path / "a", SETS))
+    run = next((tmp_path / "a" / "evaluate").iterdir())
+    two_tasks.batches.clear()
+    two_tasks.engine = FakeEngine()
+    evaluate.run(cfg_for(tmp_path / "a", SETS, f"run_dir={run}"))
+    assert [t for t, _, _ in two_tasks.batches] == ["function_calling"]
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "results.parquet"), reference)
+    with pytest.raises(UserError, match="different settings"):
+        evaluate.run(cfg_for(tmp_path / "a", "eval.test_sets=[countdown]", f"run_dir={run}"))
+
+
+def test_compare_has_a_section_per_set_and_flags_what_was_trained_on(tmp_path, two_tasks):
+    from rrr import compare
+
+    train = tmp_path / "outputs" / "train" / "run1"
+    train.mkdir(parents=True)
+    (train / "config.yaml").write_text(OmegaConf.to_yaml(compose(["task=countdown"]), resolve=True))
+    vanilla = evaluate.run(cfg_for(tmp_path / "v", SETS))
+    trained = evaluate.run(cfg_for(tmp_path / "t", SETS, f"++model.path={train}/checkpoints/final"))
+    out = compare.run([vanilla, trained], tmp_path / "cmp", n_boot=200)
+    report = (out / "report.md").read_text()
+    assert "# R3 comparison: 2 test sets" in report
+    assert "## Test set countdown:generated" in report and "## Test set bfcl:multiple" in report
+    assert "trained source (trained on countdown:generated)" in report
+    assert "unseen task (trained on countdown:generated)" in report
+    assert (out / "accuracy_countdown_generated.png").exists() and (out / "accuracy_bfcl_multiple.png").exists()
+    table = pd.read_csv(out / "table.csv")
+    assert table.groupby("test_set").size().to_dict() == {"bfcl:multiple": 2, "countdown:generated": 2}
+    trained_rows = table[table.label == "trained"].set_index("test_set")
+    assert trained_rows.relation.to_dict() == {"countdown:generated": "trained source", "bfcl:multiple": "unseen task"}
+    assert table.set_index(["test_set", "label"]).loc[("bfcl:multiple", "vanilla"), "n"] == 3
+    # a run that shares no set with the others is refused
+    only_fc = evaluate.run(cfg_for(tmp_path / "o", "eval.test_sets=[bfcl:parallel,bfcl:simple_python]"))
+    with pytest.raises(UserError, match="share no test set"):
+        compare.run([vanilla, only_fc], tmp_path / "cmp2", n_boot=200)
