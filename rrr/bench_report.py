@@ -160,7 +160,7 @@ def scores_markdown(scores: pd.DataFrame, runs: list[BenchRun]) -> str:
     header = ["benchmark", "n"] + [r.name for r in runs]
     rows = []
     for _, g in scores.groupby(["benchmark", "metric", "filter"], sort=False):
-        first = g.iloc[0]
+        first = next(g.itertuples())
         cells = {r.run: _fmt(r.score, r.lo, r.hi) for r in g.itertuples()}
         rows.append([_row_label(first), "/".join(sorted({str(n) for n in g.n}))] + [cells.get(r.name, "—") for r in runs])
     return _md(header, rows)

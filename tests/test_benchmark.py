@@ -114,6 +114,7 @@ def test_compare_table_pairs_vanilla_and_trained_per_document(runs, capsys):
     out = compare.run([runs["trained"], runs["vanilla"]], runs["root"] / "cmp")
     report = (out / "report.md").read_text()
     assert "Forgetting check" in report and "benchmarks.png" in report
+    assert "| rrr_arith · acc | 28 |" in report and "| rrr_arith_gen · exact_match (first-number) | 8 |" in report
     assert (out / "benchmarks.png").stat().st_size > 0
     deltas = pd.read_csv(out / "benchmark_deltas.csv")
     s_t, s_v = samples(runs["trained"]), samples(runs["vanilla"])
