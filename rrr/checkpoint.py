@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rrr import distributed as dist
 from rrr.config import UserError
 from rrr.runs import atomic_dir
 
@@ -63,8 +64,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimizer, scheduler,
                     step: int, cursor: dict[str, Any], wandb_run_id: str | None) -> Path:
-    """Write `run_dir/checkpoints/<name>/` atomically; return its path."""
+    """Write `run_dir/checkpoints/<name>/` atomically; return its path. Distributed: rank 0 writes it."""
     final = Path(run_dir) / "checkpoints" / name
+    if not dist.is_main():
+        return final
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)           # adapter only for a PeftModel, the full model otherwise
         if tokenizer is not None:

@@ -20,8 +20,15 @@ OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. task=countdown mode
 SHOW_CFG = typer.Option(False, "--cfg", help="Print the resolved config and exit.")
 
 
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", 0))
+
+
 def _fail(msg: str, code: int) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    if _rank() == 0:                     # every rank meets the same error: one line, from rank 0
+        typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -34,12 +41,17 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         typer.echo(to_yaml(cfg))
         return
     run: Callable = import_module(f"rrr.{module}").run
+    from rrr import distributed
+
+    distributed.init()                   # under torchrun / accelerate launch: join the process group
     try:
         run(cfg)
     except UserError as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
         _fail("interrupted; everything written so far is kept (re-run with run_dir=... to continue)", 130)
+    finally:
+        distributed.destroy()
 
 
 @app.command("collect-failures", context_settings=EXTRA)

@@ -9,6 +9,10 @@ One step of Reflect, Retry, Reward (paper §3; DESIGN.md "GRPO on reflections"):
   4. UPDATE: one on-policy PPO-clip step (ρ = 1 in value) with β·KL to the reference on reflection
      tokens only, gradient accumulation over micro-batches, grad clipping, AdamW, warm-up + schedule.
 Setup, logging and checkpointing live in small functions below the loop; the loop is `run()`.
+
+Under torchrun / accelerate launch the loop is the same loop on every rank (rrr/distributed.py): each rank
+rolls out its contiguous share of the step's queries (whole groups), the loss normaliser and the logged
+statistics are global, gradients are summed over ranks, and rank 0 alone writes the run dir.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import checkpoint as ckpt
+from rrr import distributed as dist
 from rrr import grpo, rollout
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
@@ -56,8 +61,8 @@ def run(cfg: DictConfig) -> Path:
     task = get_task(cfg.task.name)
     sampling = sampling_from_cfg(t.sampling)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
-    run_dir = new_run_dir(cfg, COMMAND)
-    resuming = ckpt.latest_checkpoint(run_dir)
+    run_dir = dist.from_main(lambda: new_run_dir(cfg, COMMAND))              # rank 0 names it for all
+    resuming = dist.from_main(lambda: ckpt.latest_checkpoint(run_dir))      # every rank: the same checkpoint
     check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
@@ -65,18 +70,20 @@ def run(cfg: DictConfig) -> Path:
         state = ckpt.load_checkpoint(resuming, model=model, optimizer=optimizer, scheduler=scheduler)
         start, wandb_id, cursor = state.step, state.wandb_run_id, FailureCursor.from_state(state.cursor)
         engine.load_weights(model)                    # the sampler must see the restored weights
-        print(f"resuming {run_dir} from {resuming.name} (step {start})")
-    else:
+        main_print(f"resuming {run_dir} from {resuming.name} (step {start}){ranks_note(run_dir)}")
+    elif dist.is_main():
         write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
-    ckpt.remove_partial(run_dir)
-    metrics.truncate_after(start)                     # rows of steps after the checkpoint are re-done
+    if dist.is_main():
+        ckpt.remove_partial(run_dir)
+        metrics.truncate_after(start)                 # rows of steps after the checkpoint are re-done
+    dist.barrier()
     logger = build_logger(cfg, run_dir, wandb_id)
     bar = progress(cfg, start)
 
     for step in range(start + 1, int(t.steps) + 1):
         t0 = time.time()
         # ----------------------------------------------------------------- ALGO: reflect, retry, reward
-        batch = cursor.draw(int(t.batch_queries))
+        batch = dist.shard(cursor.draw(int(t.batch_queries)))   # this rank's share, in single-process order
         queries = [examples[i] for i in batch]
         attempts1, attempt1_pass = first_attempts(cfg, engine, tokenizer, task, queries,
                                                   [stored[i] for i in batch], sampling, step)
@@ -103,23 +110,28 @@ def run(cfg: DictConfig) -> Path:
         engine.load_weights(model)
 
         # ----------------------------------------------------------------- logging and checkpoints
-        row = {"step": step, **update, **rollout_stats(groups, rewards), "frac_zero_std": frac_zero_std,
-               "attempt1_pass_rate": attempt1_pass, "lr": lr,
-               "gen_tokens_per_s": generated_tokens(groups) / max(gen_s, 1e-9),
-               "step_time_s": time.time() - t0, "peak_rss_gb": peak_rss_gb()}
-        metrics.write(row)
-        logger(row)
-        if step % int(cfg.log.episodes_every) == 0:
-            write_episodes(run_dir, step, queries, groups, rewards, advantages)
+        queries, groups, rewards, advantages = gather_groups(queries, groups, rewards, advantages)  # all ranks'
+        row = {"step": step, **update, **rollout_stats(groups, rewards),
+               "frac_zero_std": dist.mean(frac_zero_std, len(zero_std)),
+               "attempt1_pass_rate": dist.mean(attempt1_pass, len(batch)), "lr": lr,
+               "gen_tokens_per_s": generated_tokens(groups) / max(dist.all_reduce_max(gen_s), 1e-9),
+               "step_time_s": time.time() - t0, "peak_rss_gb": dist.all_reduce_max(peak_rss_gb())}
+        if dist.is_main():
+            metrics.write(row)
+            logger(row)
+            if step % int(cfg.log.episodes_every) == 0:
+                write_episodes(run_dir, step, queries, groups, rewards, advantages)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if step % int(t.save_every) == 0:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, int(t.steps), cursor, logger)
-    update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    print(f"final checkpoint: {final}  (evaluate with model.path={final})")
+    if dist.is_main():
+        update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    main_print(f"final checkpoint: {final}  (evaluate with model.path={final})")
     logger.finish()
+    dist.barrier()
     return run_dir
 
 
@@ -205,13 +217,14 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     t = cfg.train
     model.train()                                       # dropout as configured; the engine used eval()
     optimizer.zero_grad(set_to_none=True)
-    if not episodes:
+    if not dist.all_reduce_sum(len(episodes)):          # no rank has an episode
         optimizer.step()                                # no gradients: moves nothing, keeps step counts aligned
         return empty_update()
-    batch = collate(episodes, tokenizer.pad_token_id)                    # tensors [N, T]: ids, segments, masks
+    batch = collate(episodes, tokenizer.pad_token_id) if episodes else EMPTY_BATCH   # [N, T]: ids, masks
     mask = grpo.reflection_loss_mask(batch["segment_ids"], batch["reflection_truncated"])  # [N, T] bool
     max_reflection = int(t.sampling.reflection.max_tokens)
-    normaliser = grpo.loss_normaliser(mask, t.loss_agg, max_reflection)
+    # the whole step's normaliser, over all ranks: each rank's gradient is its share of the global loss
+    normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
     for mb in torch.arange(len(episodes)).split(int(t.micro_batch_size)):
@@ -232,11 +245,18 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         stats["loss"] = loss.item()
         stats["sampler_logp_diff"] = _abs_diff_sum(logp.detach().cpu(), batch["old_logprobs"][mb, :width], m.cpu())
         accumulate(totals, stats)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               float(t.max_grad_norm))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dist.all_reduce_grads(trainable)                    # Σ over ranks = the single-process gradient
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(t.max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finish_stats(totals, grad_norm.item())
+    return finish_stats(reduce_totals(totals), grad_norm.item())
+
+
+# a rank whose share of the step has no episode: it still joins the normaliser and gradient all-reduces
+EMPTY_BATCH = {"input_ids": torch.zeros((0, 1), dtype=torch.long), "segment_ids": torch.zeros((0, 1), dtype=torch.long),
+               "attention_mask": torch.zeros((0, 1), dtype=torch.long), "old_logprobs": torch.zeros((0, 1)),
+               "reflection_truncated": torch.zeros((0,), dtype=torch.bool)}
 
 
 # ============================================================================ data
@@ -410,7 +430,7 @@ def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, An
     return {"resume_fingerprint": resume_fingerprint(cfg),
             "failures": str(cfg.train.failures), "failure_queries": len(examples),
             "failures_sha256": examples_sha256(examples), "model": model_provenance(cfg.model),
-            "train": OmegaConf.to_container(cfg.train, resolve=True),
+            "train": OmegaConf.to_container(cfg.train, resolve=True), "world_size": dist.world(),
             "seeds": {"run_seed": int(cfg.seed),
                       "derivation": "derive_seed(run_seed, step, example_id, sample_index, segment)"}}
 
@@ -458,6 +478,49 @@ def finish_stats(totals: dict[str, float], grad_norm: float) -> dict[str, float]
            for k, v in totals.items()}
     out["grad_norm"] = grad_norm
     return out
+
+
+def reduce_totals(totals: dict[str, float]) -> dict[str, float]:
+    """The step's sums over all ranks (`ratio_max`: the maximum); identity for one process."""
+    if dist.world() == 1:
+        return totals
+    keys = [k for k in empty_update() if k != "grad_norm"]
+    sums = dist.all_reduce_sum(torch.tensor([totals.get(k, 0.0) if k != "ratio_max" else 0.0 for k in keys],
+                                            dtype=torch.float64))
+    out = {k: float(v) for k, v in zip(keys, sums) if k != "ratio_max"}
+    out["ratio_max"] = dist.all_reduce_max(totals.get("ratio_max", -math.inf))
+    return out
+
+
+def gather_groups(queries, groups, rewards: torch.Tensor, advantages: torch.Tensor):
+    """Every rank's queries, groups, rewards [Q, G] and advantages [Q, G], in single-process order."""
+    if dist.world() == 1:
+        return queries, groups, rewards, advantages
+    g = rewards.shape[1] if rewards.dim() == 2 else 0
+    queries, groups = dist.gather(queries), dist.gather(groups)
+    rewards = torch.tensor(dist.gather(rewards.tolist()), dtype=torch.float32).reshape(-1, g)
+    advantages = torch.tensor(dist.gather(advantages.tolist()), dtype=torch.float32).reshape(-1, g)
+    return queries, groups, rewards, advantages
+
+
+def main_print(message: str) -> None:
+    if dist.is_main():
+        print(message, flush=True)
+
+
+def ranks_note(run_dir: Path) -> str:
+    """A resume on another number of ranks is allowed (batches, seeds and gradients do not depend on it):
+    say so in the resume line, and record the new count."""
+    import json
+
+    path = run_dir / "manifest.json"
+    before = json.loads(path.read_text()).get("world_size", 1) if path.exists() else 1
+    if before == dist.world():
+        return ""
+    if dist.is_main():
+        update_manifest(run_dir, world_size=dist.world())
+    return (f" on {dist.world()} rank(s); it ran on {before}: the global batch, the sampling seeds and the "
+            "gradient do not depend on the rank count")
 
 
 def empty_update() -> dict[str, float]:
@@ -512,7 +575,7 @@ class Logger:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None) -> Logger:
-    if cfg.logger.name != "wandb":
+    if cfg.logger.name != "wandb" or not dist.is_main():
         return Logger()
     import wandb
 
@@ -526,7 +589,7 @@ def progress(cfg: DictConfig, start: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=int(cfg.train.steps), initial=start, unit="step", desc="train",
-                disable=not cfg.log.progress)
+                disable=not cfg.log.progress or not dist.is_main())
 
 
 def save(run_dir: Path, name: str, model, tokenizer, optimizer, scheduler, step: int,

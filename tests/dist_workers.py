@@ -1,0 +1,60 @@
+"""What each rank runs in the multi-process tests (torch.multiprocessing.spawn: a top-level function of an
+importable module). Each worker joins a gloo group through the same environment variables torchrun sets,
+then calls the command's pipeline function like `rrr.cli` does."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank: int, world: int, port: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RRR_DIST_TIMEOUT_S": "300"})
+    from rrr import distributed
+
+    distributed.init()
+
+
+def train(rank: int, world: int, port: int, overrides: list[str]) -> None:
+    """`rrr train` on the trainer fakes (random-stop engine, parity verifier)."""
+    import trainer_fakes
+    from rrr import distributed, trainer
+    from rrr.config import compose
+
+    join(rank, world, port)
+    trainer.build_engine = lambda cfg, model, tok: trainer_fakes.RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>"))
+    trainer.get_task = lambda name: trainer_fakes.ParityTask()
+    try:
+        trainer.run(compose(overrides))
+    finally:
+        distributed.destroy()
+
+
+def pipeline(rank: int, world: int, port: int, module: str, overrides: list[str]) -> None:
+    """`rrr collect-failures` / `rrr evaluate` with the real engine and task (tiny-random)."""
+    from importlib import import_module
+
+    from rrr import distributed
+    from rrr.config import compose
+
+    join(rank, world, port)
+    try:
+        import_module(f"rrr.{module}").run(compose(overrides))
+    finally:
+        distributed.destroy()
+
+
+def spawn(fn, world: int, *args) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
