@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rrr import distributed as dist
+from rrr import fsdp
 from rrr.config import UserError
 from rrr.runs import atomic_dir
 
@@ -66,13 +67,15 @@ def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimiz
                     step: int, cursor: dict[str, Any], wandb_run_id: str | None) -> Path:
     """Write `run_dir/checkpoints/<name>/` atomically; return its path. Distributed: rank 0 writes it."""
     final = Path(run_dir) / "checkpoints" / name
+    model_state, optimizer_state = fsdp.full_state(model, optimizer) if fsdp.is_sharded(model) else \
+        (None, optimizer.state_dict())    # FSDP: gathered (a collective, every rank), HF format on disk
     if not dist.is_main():
         return final
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)           # adapter only for a PeftModel, the full model otherwise
+        model.save_pretrained(tmp, state_dict=model_state)   # adapter only for a PeftModel, else the full model
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, tmp / TRAINER_STATE)
         (tmp / STATE_JSON).write_text(json.dumps(
             {"step": step, "cursor": cursor, "wandb_run_id": wandb_run_id}, indent=2) + "\n")
@@ -114,7 +117,10 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Resume:
         raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); delete it and resume again")
     _load_weights(model, path)
     trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    if fsdp.is_sharded(model):
+        fsdp.load_full_state(model, optimizer, None, trainer_state["optimizer"])
+    else:
+        optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])
     state = json.loads((path / STATE_JSON).read_text())
@@ -141,6 +147,9 @@ def _load_weights(model, path: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    if fsdp.is_sharded(model):
+        fsdp.load_full_state(model, None, state, None)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (e.g. lm_head = embed_tokens) are saved once; anything else missing is a mismatch
     missing = [k for k in missing if k not in _tied_keys(model)]

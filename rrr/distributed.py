@@ -89,6 +89,21 @@ def gather(items: Sequence[T]) -> list[T]:
     return [x for part in out for x in part]
 
 
+def map_shards(fn: Callable[[list[Any]], list[T]], items: Sequence[Any]) -> list[T]:
+    """`fn` on this rank's shard of `items` (skipped when the shard is empty), gathered in item order:
+    for one process just `fn(items)`."""
+    mine = shard(items)
+    return gather(fn(mine) if mine else [])
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over ranks (counts, and rates of ranks running side by side); ints stay ints."""
+    if not active():
+        return values
+    sums = all_reduce_sum(torch.tensor([float(v) for v in values.values()], dtype=torch.float64)).tolist()
+    return {k: type(v)(s) if isinstance(v, int) else s for (k, v), s in zip(values.items(), sums)}
+
+
 def from_main(fn: Callable[[], T]) -> T:
     """`fn()` evaluated on rank 0 only (e.g. creating a run dir) and its result handed to every rank."""
     if not active():

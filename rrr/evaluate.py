@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from rrr import distributed as dist
 from rrr.config import UserError
 from rrr.episode import Segment
 from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, done_ids,
@@ -265,7 +266,7 @@ def run(cfg: DictConfig) -> Path:
     sets = resolve_test_sets(cfg)
     examples_of = {ts.name: load_examples(ts, cfg) for ts in sets}
     everything = [e for ts in sets for e in examples_of[ts.name]]
-    run_dir = new_run_dir(cfg, COMMAND)
+    run_dir = dist.from_main(lambda: new_run_dir(cfg, COMMAND))
     fp = fingerprint(cfg)
     if set_fingerprint(sets) is not None:
         fp["test_sets"] = set_fingerprint(sets)
@@ -297,9 +298,9 @@ def run(cfg: DictConfig) -> Path:
     engine = tokenizer = None
     for ts in sets:                                   # each test set: today's per-source loop
         examples, parts = examples_of[ts.name], parts_dir(run_dir, ts)
-        done = done_ids(parts, key="example_id")
+        done = dist.from_main(lambda: done_ids(parts, key="example_id"))   # every rank: the same work list
         todo = [e for e in examples if e.id not in done]
-        if done:
+        if done and dist.is_main():
             print(f"resuming {run_dir} [{ts.name}]: {len(examples) - len(todo)} of {len(examples)} examples done")
         if not todo:
             continue
@@ -307,11 +308,17 @@ def run(cfg: DictConfig) -> Path:
             engine, tokenizer = build_generator(cfg)
         task = get_task(ts.task)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example",
-                   desc=f"evaluate {ts.name}" if not single else "evaluate", disable=not cfg.log.progress)
+                   desc=f"evaluate {ts.name}" if not single else "evaluate", disable=not cfg.log.progress or not dist.is_main())
         for batch in chunks(todo, int(cfg.eval.batch_queries)):
-            write_part(parts, evaluate_batch(engine, tokenizer, task, batch, ts.cfg, stats))
+            # under torchrun each rank evaluates its share of the batch; rank 0 writes the merged part
+            rows = dist.map_shards(lambda part: evaluate_batch(engine, tokenizer, task, part, ts.cfg, stats), batch)
+            if dist.is_main():
+                write_part(parts, rows)
             bar.update(len(batch))
         bar.close()
+    tp = dist.sum_over_ranks(throughput(stats))
+    if not dist.is_main():
+        return run_dir
 
     frames, per_set = [], {}
     for ts in sets:
@@ -322,7 +329,7 @@ def run(cfg: DictConfig) -> Path:
                             "task": ts.task, "split": str(cfg.eval.split)}
     df = pd.concat(frames, ignore_index=True)
     atomic_write_parquet(run_dir / "results.parquet", df)
-    common = {"model": str(cfg.model.name), "label": label, **throughput(stats), "wall_s": round(time.time() - t0, 2)}
+    common = {"model": str(cfg.model.name), "label": label, **tp, "wall_s": round(time.time() - t0, 2)}
     # one set: today's top-level summary; several: the total n, and each set under test_sets
     top = per_set[sets[0].name] if single else {"n": len(df)}
     summary = {**top, "task": cfg.task.name, **common, "test_sets": per_set}

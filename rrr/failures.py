@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from rrr import distributed as dist
 from rrr.config import UserError
 from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, data_sha256,
                       done_ids, examples_sha256, model_info, new_run_dir, read_parts, sampling_params, throughput,
@@ -134,7 +135,7 @@ def run(cfg: DictConfig) -> Path:
     examples = task.load(cfg.task, cfg.data.split, cfg.data.limit, int(cfg.seed))
     if not examples:
         raise UserError(f"no {cfg.task.name} examples in split {cfg.data.split!r}; check data.split / data.limit")
-    run_dir = new_run_dir(cfg, COMMAND)
+    run_dir = dist.from_main(lambda: new_run_dir(cfg, COMMAND))
     fp = fingerprint(cfg)
     check_resumable(run_dir, COMMAND, fp)
     write_run_files(run_dir, cfg, COMMAND, extra={
@@ -154,19 +155,25 @@ def run(cfg: DictConfig) -> Path:
     })
 
     parts = run_dir / "parts"
-    done = done_ids(parts)
+    done = dist.from_main(lambda: done_ids(parts))     # every rank: the same work list
     todo = [e for e in examples if e.id not in done]
-    if done:
+    if done and dist.is_main():
         print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} queries already done")
     stats = RolloutStats()
     if todo:
         engine, tokenizer = build_generator(cfg)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="query",
-                   desc="collect-failures", disable=not cfg.log.progress)
+                   desc="collect-failures", disable=not cfg.log.progress or not dist.is_main())
         for chunk in chunks(todo, int(cfg.collect.batch_queries)):
-            write_part(parts, collect_chunk(engine, tokenizer, task, chunk, cfg, stats))
+            # under torchrun each rank samples its share of the chunk; rank 0 writes the merged part
+            rows = dist.map_shards(lambda part: collect_chunk(engine, tokenizer, task, part, cfg, stats), chunk)
+            if dist.is_main():
+                write_part(parts, rows)
             bar.update(len(chunk))
         bar.close()
+    tp = dist.sum_over_ranks(throughput(stats))
+    if not dist.is_main():
+        return run_dir
 
     df = read_parts(parts)
     df = df[df.id.isin({e.id for e in examples})].reset_index(drop=True)  # a resumed run may use a smaller limit
@@ -174,7 +181,7 @@ def run(cfg: DictConfig) -> Path:
                          df[df.n_correct < df.n_samples].reset_index(drop=True))
     atomic_write_parquet(run_dir / "all_queries.parquet",
                          df[["id", "source", "n_samples", "n_correct", "pass_rate"]])
-    summary = {**summarize(df), **throughput(stats), "wall_s": round(time.time() - t0, 2)}
+    summary = {**summarize(df), **tp, "wall_s": round(time.time() - t0, 2)}
     atomic_write_json(run_dir / "summary.json", summary)
     update_manifest(run_dir, summary=summary, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     print(format_summary(summary))

@@ -133,7 +133,12 @@ def new_run_dir(cfg: DictConfig, command: str) -> Path:
 
 
 def write_run_files(run: Path, cfg: DictConfig, command: str, extra: dict[str, Any] | None = None) -> None:
-    """config.yaml (resolved) and manifest.json; an existing manifest keeps its start time."""
+    """config.yaml (resolved) and manifest.json; an existing manifest keeps its start time. Under torchrun
+    only rank 0 writes them."""
+    from rrr import distributed
+
+    if not distributed.is_main():
+        return
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     manifest_path = run / "manifest.json"
     manifest: dict[str, Any] = {}

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import grpo, rollout
+from rrr import fsdp, grpo, rollout
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, Segment, collate
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> Path:
         start, wandb_id, cursor = state.step, state.wandb_run_id, FailureCursor.from_state(state.cursor)
         engine.load_weights(model)                    # the sampler must see the restored weights
         main_print(f"resuming {run_dir} from {resuming.name} (step {start}){ranks_note(run_dir)}")
-    elif dist.is_main():
+    else:
         write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
     if dist.is_main():
         ckpt.remove_partial(run_dir)
@@ -227,7 +227,10 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    for mb in torch.arange(len(episodes)).split(int(t.micro_batch_size)):
+    for mb in fsdp.pad_micro_batches(model, torch.arange(len(episodes)).split(int(t.micro_batch_size))):
+        if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
+            fsdp.idle_step(model, reference, tokenizer.pad_token_id, int(t.logprob_chunk_size))
+            continue
         # Causal attention: tokens after the last reflection token (retry prompt, attempt 2, padding)
         # cannot change a reflection log-prob, so the forward/backward stops there. Exact, and it saves
         # the retry's share of the update's compute.
@@ -250,7 +253,7 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(t.max_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finish_stats(reduce_totals(totals), grad_norm.item())
+    return finish_stats(reduce_totals(totals), fsdp.scalar(grad_norm))
 
 
 # a rank whose share of the step has no episode: it still joins the normaliser and gradient all-reduces
@@ -324,6 +327,9 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"train.{key} must be >= 1")
     if int(t.group_size) < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
+    fsdp.check(cfg)
 
 
 def seed_everything(seed: int) -> None:
@@ -343,6 +349,8 @@ def build_policy(cfg: DictConfig):
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of model {cfg.model.name} has no pad token; set one in the model config")
+    if cfg.train.parallel == "fsdp":
+        model = fsdp.shard(model)
     return model, tokenizer
 
 
@@ -377,7 +385,10 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
             with torch.no_grad(), model.disable_adapter():
                 return masked_logprobs(model, ids, attention_mask, mask, chunk)[0]
         return lora_reference
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if fsdp.is_sharded(model):                       # a sharded policy cannot be copied: load and shard again
+        frozen = fsdp.shard(fsdp.fresh_copy(cfg).requires_grad_(False)).eval()
+    else:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     def frozen_reference(ids, attention_mask, mask):
         with torch.no_grad():
@@ -409,6 +420,8 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
 def build_engine(cfg: DictConfig, model, tokenizer):
     from rrr.engines import build_engine as build
 
+    if fsdp.is_sharded(model):                       # FSDP forwards are collective: sample from a full copy
+        return fsdp.GatheredEngine(cfg, tokenizer, build)
     return build(cfg, model, tokenizer)
 
 

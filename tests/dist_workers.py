@@ -26,13 +26,15 @@ def join(rank: int, world: int, port: int) -> None:
 
 
 def train(rank: int, world: int, port: int, overrides: list[str]) -> None:
-    """`rrr train` on the trainer fakes (random-stop engine, parity verifier)."""
+    """`rrr train` on the trainer fakes (random-stop engine, parity verifier). The fake engine replaces
+    `rrr.engines.build_engine`, so the trainer's own engine set-up (FSDP's gathered copy) still runs."""
+    import rrr.engines
     import trainer_fakes
     from rrr import distributed, trainer
     from rrr.config import compose
 
     join(rank, world, port)
-    trainer.build_engine = lambda cfg, model, tok: trainer_fakes.RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>"))
+    rrr.engines.build_engine = lambda cfg, model, tok: trainer_fakes.RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>"))
     trainer.get_task = lambda name: trainer_fakes.ParityTask()
     try:
         trainer.run(compose(overrides))
@@ -40,8 +42,8 @@ def train(rank: int, world: int, port: int, overrides: list[str]) -> None:
         distributed.destroy()
 
 
-def pipeline(rank: int, world: int, port: int, module: str, overrides: list[str]) -> None:
-    """`rrr collect-failures` / `rrr evaluate` with the real engine and task (tiny-random)."""
+def pipelines(rank: int, world: int, port: int, runs: list[tuple[str, list[str]]]) -> None:
+    """`rrr collect-failures` / `rrr evaluate` (module, overrides) in turn, real engine and task."""
     from importlib import import_module
 
     from rrr import distributed
@@ -49,7 +51,8 @@ def pipeline(rank: int, world: int, port: int, module: str, overrides: list[str]
 
     join(rank, world, port)
     try:
-        import_module(f"rrr.{module}").run(compose(overrides))
+        for module, overrides in runs:
+            import_module(f"rrr.{module}").run(compose(overrides))
     finally:
         distributed.destroy()
 

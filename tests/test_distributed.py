@@ -39,7 +39,7 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(one: Path, two: Path) -> float:
+def assert_same_run(one: Path, two: Path, weights: str = "adapter_model.safetensors") -> float:
     """Metrics rows equal within float tolerance, episodes equal, final weights within WEIGHT_ATOL."""
     a, b = rows(one), rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
@@ -52,7 +52,7 @@ def assert_same_run(one: Path, two: Path) -> float:
         ea, eb = (pd.read_parquet(r / "episodes" / name) for r in (one, two))
         pd.testing.assert_frame_equal(ea.drop(columns="advantage"), eb.drop(columns="advantage"))
         assert ea.advantage.tolist() == pytest.approx(eb.advantage.tolist(), abs=1e-6)
-    wa, wb, w2 = (load_file(str(r / "checkpoints" / c / "adapter_model.safetensors"))
+    wa, wb, w2 = (load_file(str(r / "checkpoints" / c / weights))
                   for r, c in ((one, "final"), (two, "final"), (one, "step_00002")))
     assert wa.keys() == wb.keys()
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
@@ -116,3 +116,68 @@ def test_resume_on_another_rank_count_gives_the_straight_run(tmp_path, failures,
     out = capfd.readouterr().out
     assert out.count("resuming") == 1 and "on 2 rank(s); it ran on 1" in out     # rank 0 alone prints
     assert_same_run(straight, run)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_give_the_single_process_full_fine_tune(tmp_path, failures):
+    """train.parallel=fsdp: policy and reference sharded over 2 ranks; the gathered HF checkpoint equals
+    the single-process full fine-tune's; a 2-rank resume from its step-2 checkpoint re-shards the optimizer."""
+    full = ("train.finetune=full",)
+    one = tmp_path / "one"
+    with pytest.MonkeyPatch.context() as mp:
+        trainer_fakes.install(mp, trainer)
+        trainer.run(compose(train_overrides(failures, one, *full)))
+    two = tmp_path / "two"
+    dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, two, *full, "train.parallel=fsdp"))
+    assert_same_run(one, two, weights="model.safetensors")
+    # resume: drop everything after step 2 and let 2 ranks redo steps 3-4 from the gathered checkpoint
+    import shutil
+
+    for name in ("step_00004", "final"):
+        shutil.rmtree(two / "checkpoints" / name)
+    dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, two, *full, "train.parallel=fsdp"))
+    assert_same_run(one, two, weights="model.safetensors")
+
+
+def test_fsdp_settings_fail_with_one_line(failures, tmp_path):
+    from rrr.config import UserError
+
+    with pytest.raises(UserError, match="train.parallel=fsdp shards full fine-tuning"):
+        trainer.validate(compose(train_overrides(failures, tmp_path, "train.parallel=fsdp")))
+    with pytest.raises(UserError, match="needs a launcher: torchrun"):
+        trainer.validate(compose(train_overrides(failures, tmp_path, "train.parallel=fsdp", "train.finetune=full")))
+
+
+@pytest.mark.slow
+def test_collect_failures_and_evaluate_on_two_ranks_write_the_single_process_files(tmp_path):
+    """Real engine and Countdown verifier on tiny-random: 5 queries in chunks of 3 (shares 1+2, then 1+1).
+
+    Bitwise-equal samples need an engine whose numerics do not depend on what shares its batch: one prompt
+    per forward and no prefix cache. Otherwise a prompt's logits differ in the last float bits with what
+    shares its batch (measured: query 0 alone on rank 0, unpadded, vs in a left-padded batch of 3 in one
+    process: its second sample took another token after ~10 tokens; inverse-CDF sampling over tiny-random's
+    flat 49k-token distribution is that sensitive). The per-sample seeds make the rest rank-count free."""
+    import json as _json
+
+    from rrr import evaluate, failures
+
+    def runs(root: Path) -> list[tuple[str, list[str]]]:
+        common = ["task=countdown", "model=tiny-random", "experiment=smoke", "log.progress=false",
+                  "engine.batch_size=1", "engine.prefix_cache_gb=0"]
+        return [("failures", [*common, f"run_dir={root}/collect", "data.limit=5", "collect.batch_queries=3"]),
+                ("evaluate", [*common, f"run_dir={root}/eval", "eval.limit=5", "eval.batch_queries=3",
+                              "eval.bootstrap_samples=50"])]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for module, overrides in runs(one):
+        {"failures": failures, "evaluate": evaluate}[module].run(compose(overrides))
+    dist_workers.spawn(dist_workers.pipelines, 2, runs(two))
+    for name in ("collect/failures.parquet", "collect/all_queries.parquet", "eval/results.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(one / name), pd.read_parquet(two / name))
+    assert len(pd.read_parquet(one / "eval/results.parquet")) == 5
+    for name in ("collect/summary.json", "eval/summary.json"):
+        a, b = (_json.loads((r / name).read_text()) for r in (one, two))
+        for timing in ("wall_s", "tokens_per_s"):
+            a.pop(timing), b.pop(timing)
+        assert a == b, name
+    assert sorted(p.name for p in (two / "collect" / "parts").iterdir()) == ["part_00000.parquet", "part_00001.parquet"]
