@@ -45,7 +45,7 @@ cpu-experiment: $(STAMP) $(QWEN_STAMP)
 	bash scripts/cpu_experiment.sh
 
 reproduce-paper: $(STAMP)
-	DRY_RUN=$(DRY_RUN) $(PY) -m rrr.reproduce
+	DRY_RUN=$(DRY_RUN) GPUS=$(GPUS) GPU_GB=$(GPU_GB) FINETUNE=$(FINETUNE) $(PY) -m rrr.reproduce
 
 clean:
 	rm -rf $(VENV) outputs

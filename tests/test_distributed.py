@@ -181,3 +181,26 @@ def test_collect_failures_and_evaluate_on_two_ranks_write_the_single_process_fil
             a.pop(timing), b.pop(timing)
         assert a == b, name
     assert sorted(p.name for p in (two / "collect" / "parts").iterdir()) == ["part_00000.parquet", "part_00001.parquet"]
+
+
+def test_vllm_gets_the_parallel_sizes_and_torchruns_launcher(monkeypatch, tiny_model):
+    import rrr.engines.vllm as vllm_engine
+    from rrr.engines import build_engine
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, source, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", Recorder)
+    monkeypatch.setattr("rrr.models.weights_source", lambda model_cfg: ("/weights", None))
+    model, tok = tiny_model
+    build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu"]), model, tok)
+    assert seen["parallel"] == {}                                   # defaults: nothing extra reaches vLLM
+    build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu",
+                          "engine.tensor_parallel_size=4", "engine.data_parallel_size=2"]), model, tok)
+    assert seen["parallel"] == {"tensor_parallel_size": 4, "data_parallel_size": 2}
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu"]), model, tok)
+    assert seen["parallel"] == {"distributed_executor_backend": "external_launcher"}

@@ -111,3 +111,22 @@ def test_real_run_skips_finished_stages_and_stops_on_failure(tmp_path, monkeypat
     with pytest.raises(UserError, match="evaluate-trained qwen2-1.5b failed"):
         reproduce.execute(stages)
     assert calls == ["train", "evaluate", "evaluate"]  # collect skipped; stopped at the failing stage
+
+
+def test_gpus_knob_plans_torchrun_data_parallel_and_vllm_tensor_parallel():
+    hw = reproduce.Hardware(gpus=8, finetune="full")
+    plan = reproduce.paper_plan(Path("outputs/paper"), hw)
+    by = {(s.task, s.model, s.name): s for s in plan}
+    train = by["countdown", "qwen2.5-7b", "train"]
+    assert train.argv[:4] == ["torchrun", "--nproc_per_node=8", "-m", "rrr"] and train.gpus == 8
+    assert {"train.finetune=full", "train.parallel=fsdp", "engine=vllm"} <= set(train.args)
+    big = by["countdown", "llama3.1-70b", "evaluate-vanilla"]     # 141 GB of bf16 weights: TP 4, vLLM DP 2
+    assert big.argv[0] == "rrr" and big.ranks == 1 and big.gpus == 8
+    assert {"engine.tensor_parallel_size=4", "engine.data_parallel_size=2"} <= set(big.args)
+    text = reproduce.format_plan(plan)
+    assert "8 GPUs × 8 ranks" in text and "; CPU" in text
+    # one GPU: today's single-process commands, with the GPUs a 70B-class model would need said plainly
+    single = reproduce.paper_plan(Path("outputs/paper"))
+    assert all(s.argv[0] == "rrr" and not any("parallel" in a for a in s.args) for s in single)
+    assert "needs >= 4 GPUs" in reproduce.format_plan(single)
+    assert [reproduce.Hardware().tensor_parallel(m) for m in ("qwen2.5-1.5b", "qwen2-7b", "qwen2.5-72b")] == [1, 1, 4]

@@ -30,8 +30,23 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
                             seed=int(cfg.seed), max_model_len=int(cfg.model.max_context),
                             gpu_memory_utilization=float(cfg.engine.gpu_memory_utilization),
                             enable_prefix_caching=bool(cfg.engine.enable_prefix_caching),
-                            enforce_eager=bool(cfg.engine.enforce_eager))
+                            enforce_eager=bool(cfg.engine.enforce_eager), parallel=vllm_parallel(cfg))
         if hasattr(model, "merge_adapter"):     # adapters (e.g. a checkpoint): vLLM holds only the base
             engine.load_weights(model)
         return engine
     raise UserError(f"engine={name!r} is not one of hf, vllm")
+
+
+def vllm_parallel(cfg: DictConfig) -> dict:
+    """vLLM's parallel settings, non-default ones only: tensor/data parallel sizes, and under torchrun
+    with several ranks the `external_launcher` backend (TRL's colocate mode: each rank hosts its vLLM in
+    the process torchrun started, instead of vLLM spawning workers of its own). Untested on GPUs."""
+    from rrr import distributed
+
+    args = {}
+    for key in ("tensor_parallel_size", "data_parallel_size"):
+        if int(cfg.engine.get(key, 1)) > 1:
+            args[key] = int(cfg.engine[key])
+    if distributed.world() > 1:
+        args["distributed_executor_backend"] = "external_launcher"
+    return args

@@ -48,13 +48,13 @@ def merged_weights(model) -> list[tuple[str, object]]:
 class VLLMEngine:
     def __init__(self, model_source: str, *, revision: str | None, stop_ids: list[int], dtype: str,
                  seed: int, max_model_len: int, gpu_memory_utilization: float, enable_prefix_caching: bool,
-                 enforce_eager: bool):
+                 enforce_eager: bool, parallel: dict | None = None):
         self.vllm = _import_vllm()
         self.stop_ids = stop_ids
         self.llm = self.vllm.LLM(
             model=model_source, revision=revision, dtype=dtype, seed=seed, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs")
+            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **(parallel or {}))
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  seeds: list[list[int]] | None = None) -> list[list[Sample]]:
