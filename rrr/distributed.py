@@ -145,6 +145,9 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     if not active():
         return
     params = [p for p in params if not _is_dtensor(p)]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device())
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)      # a parameter no rank reached keeps grad None,
+    params = [p for p, h in zip(params, has_grad.tolist()) if h]          # as in one process
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

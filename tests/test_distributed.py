@@ -93,6 +93,18 @@ def test_two_ranks_give_the_single_process_run(tmp_path, failures, straight):
 
 
 @pytest.mark.slow
+def test_a_rank_with_an_empty_share_still_joins_every_collective(tmp_path, failures):
+    """1 query per step over 2 ranks: rank 0 gets nothing; the run equals one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("train.batch_queries=1",)
+    with pytest.MonkeyPatch.context() as mp:
+        trainer_fakes.install(mp, trainer)
+        trainer.run(compose(train_overrides(failures, one, *extra)))
+    dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, two, *extra))
+    assert_same_run(one, two)
+
+
+@pytest.mark.slow
 def test_resume_on_another_rank_count_gives_the_straight_run(tmp_path, failures, straight, monkeypatch, capfd):
     """One process crashes in step 3 (checkpoint step 2); two ranks resume it and end where the
     uninterrupted single-process run ends, saying in one line that the rank count changed."""
@@ -204,3 +216,39 @@ def test_vllm_gets_the_parallel_sizes_and_torchruns_launcher(monkeypatch, tiny_m
     monkeypatch.setattr(distributed, "world", lambda: 2)
     build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu"]), model, tok)
     assert seen["parallel"] == {"distributed_executor_backend": "external_launcher"}
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_under_torchrun_then_resume_gives_the_single_process_run(tmp_path, failures, straight):
+    """torchrun, 2 ranks, the real CLI: rank 1 is SIGKILLed once checkpoint step 2 exists; torchrun stops
+    the job; the same torchrun command resumes it and ends where the single-process run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rrr.checkpoint import COMPLETE
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RRR_DIST_TIMEOUT_S": "120",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+            str(dist_workers.free_port()), str(Path(__file__).parent / "dist_cli.py"), "train",
+            *train_overrides(failures, run, "train.save_every=1")]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not (run / "checkpoints" / "step_00002" / COMPLETE).exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    assert not (run / "checkpoints" / "final").exists()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("resuming") == 1
+    # save_every differs from the straight run (1 vs 2): it may change on resume and changes nothing else
+    assert_same_run(straight, run)

@@ -1,0 +1,16 @@
+"""`rrr` under torchrun with the trainer fakes (random-stop engine, parity verifier), for the SIGKILL test:
+`torchrun --nproc_per_node=2 tests/dist_cli.py train ...` runs the real CLI (process group from torchrun's
+environment) on every rank."""
+
+import sys
+
+import rrr.engines
+import trainer_fakes
+from rrr import trainer
+from rrr.cli import app
+
+rrr.engines.build_engine = lambda cfg, model, tok: trainer_fakes.RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>"))
+trainer.get_task = lambda name: trainer_fakes.ParityTask()
+
+if __name__ == "__main__":
+    app(args=sys.argv[1:])
