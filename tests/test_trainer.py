@@ -248,3 +248,29 @@ def test_malloc_mmap_threshold_is_set_on_glibc_and_off_at_zero():
     assert trainer.malloc_mmap_threshold(0) is False
     if platform.libc_ver()[0] == "glibc":
         assert trainer.malloc_mmap_threshold(4 << 20) is True
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_trainer_logprobs_are_the_engines_at_the_sampling_temperature(tmp_path, failures, temperature):
+    """The policy's log-probs on reflection tokens are those of the distribution the hf engine sampled
+    from (logits / T), so the post-sync canary `sampler_logp_diff` is ~0 at any T, not only T = 1."""
+    from rrr.engines.hf import HFEngine
+
+    cfg = config(failures, tmp_path / "run", f"train.sampling.reflection.temperature={temperature}",
+                 "train.beta=0.5", "train.finetune=full")
+    model, tokenizer = trainer.build_policy(cfg)
+    model.eval()                                              # no dropout, so the forwards compare exactly
+    examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
+    attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
+    # a random tiny model almost never ends a turn by itself: every even id stops a sample (~2 tokens each)
+    engine = HFEngine(model, tokenizer, stop_ids=list(range(0, len(tokenizer), 2)))
+    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
+                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    episodes = [ep for g in groups for ep in g]
+    advantages = torch.ones(len(episodes))
+    reference = trainer.build_reference(cfg, model)
+    update = trainer.policy_update(cfg, model, reference, CapturingOptimizer(model.parameters()), tokenizer,
+                                   episodes, advantages)
+    assert update["reflection_tokens"] > 10
+    assert update["sampler_logp_diff"] < 1e-4             # mean |policy − sampler| per reflection token
+    assert update["kl"] == pytest.approx(0, abs=1e-6)     # the reference scores at the same temperature
