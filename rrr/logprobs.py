@@ -47,20 +47,29 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return backbone, head
 
 
-def _head_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """hidden [n, H], targets [n] -> (logp [n], entropy [n], detached) for one chunk of rows."""
-    logits = head(hidden)  # [n, V]: the only full-vocabulary tensor, one chunk at a time
+def _head_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
+    """hidden [n, H], targets [n], temperature [n] -> (logp [n], entropy [n], detached) for one chunk of
+    rows, both of softmax(logits / T): the distribution the engine sampled from."""
+    logits = head(hidden) / temperature[:, None]  # [n, V]: the only full-vocabulary tensor, one chunk at a time
     with torch.no_grad():
         entropy = entropy_from_logits(logits, chunk_size=len(logits))
     return token_logprobs(logits, targets, chunk_size=len(logits)), entropy
 
 
 def masked_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, chunk_size: int = 1024
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    target_mask: Tensor,
+    chunk_size: int = 1024,
+    temperature: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """logp[b, t] = log p(input_ids[b, t] | input_ids[b, <t]) where target_mask[b, t], else 0.
+    """logp[b, t] = log softmax(z_t / T[b, t])[input_ids[b, t]] where target_mask[b, t], else 0, with z_t
+    the logits after input_ids[b, <t].
 
-    input_ids/attention_mask/target_mask [B, T] -> (logp [B, T] fp32, entropy [B, T] fp32, detached).
+    input_ids/attention_mask/target_mask [B, T], temperature a float or [B, T] (the temperature each
+    target token was sampled at, as vLLM's processed log-probs and TRL score) -> (logp [B, T] fp32,
+    entropy [B, T] fp32 of the same tempered distribution, detached).
     Position ids come from the attention mask (cumsum − 1), so left padding does not change the result.
     """
     if hasattr(model, "rrr_masked_logprobs"):  # FSDP2 (rrr/fsdp.py): runs as a forward method of the root
@@ -73,6 +82,9 @@ def _masked_logprobs(
 ) -> tuple[Tensor, Tensor]:
     if target_mask[:, 0].any():
         raise ValueError("position 0 has no context: it cannot be a target")
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=input_ids.device).expand(input_ids.shape)
+    if (temperature[target_mask] <= 0).any():
+        raise ValueError("temperature must be > 0 on target tokens (greedy tokens have no log-prob to train)")
     backbone, head = backbone_and_head(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
     hidden = backbone(
@@ -81,12 +93,13 @@ def _masked_logprobs(
     predicts = target_mask[:, 1:]  # [B, T-1]: hidden state at t-1 predicts token t
     rows = hidden[:, :-1][predicts]  # [N, H]
     targets = input_ids[:, 1:][predicts]  # [N]
+    temps = temperature[:, 1:][predicts]  # [N]
     logp, entropy = [], []
-    for h, tg in zip(rows.split(chunk_size), targets.split(chunk_size)):  # N = 0 still gives one chunk
+    for h, tg, tt in zip(rows.split(chunk_size), targets.split(chunk_size), temps.split(chunk_size)):  # N = 0: one chunk
         if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of storing them
-            chunk = checkpoint(_head_logprobs, head, h, tg, use_reentrant=False)
+            chunk = checkpoint(_head_logprobs, head, h, tg, tt, use_reentrant=False)
         else:
-            chunk = _head_logprobs(head, h, tg)
+            chunk = _head_logprobs(head, h, tg, tt)
         logp.append(chunk[0])
         entropy.append(chunk[1])
     return _scatter(torch.cat(logp), target_mask), _scatter(torch.cat(entropy), target_mask)
@@ -95,3 +108,12 @@ def _masked_logprobs(
 def _scatter(values: Tensor, target_mask: Tensor) -> Tensor:
     """[N] values at the True positions of target_mask [B, T] -> [B, T], 0 elsewhere (differentiable)."""
     return values.new_zeros(target_mask.shape).masked_scatter(target_mask, values)
+
+
+def segment_temperatures(segment_ids: Tensor, temperatures: dict[int, float]) -> Tensor:
+    """[B, T] segment ids -> [B, T] fp32: each token's sampling temperature (`temperatures[segment]`),
+    1.0 on segments not in the dict (template tokens, padding: never scored)."""
+    out = torch.ones(segment_ids.shape, dtype=torch.float32)
+    for segment, t in temperatures.items():
+        out = torch.where(segment_ids == int(segment), float(t), out)
+    return out

@@ -37,7 +37,7 @@ from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, Segment, collate
 from rrr.rollout import sampling_from_cfg
-from rrr.logprobs import masked_logprobs
+from rrr.logprobs import masked_logprobs, segment_temperatures
 from rrr.runs import (MetricsWriter, atomic_write_parquet, check_resumable, new_run_dir, update_manifest,
                       write_run_files)
 from rrr.tasks import Example, get_task
@@ -222,6 +222,7 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         return empty_update()
     batch = collate(episodes, tokenizer.pad_token_id) if episodes else EMPTY_BATCH   # [N, T]: ids, masks
     mask = grpo.reflection_loss_mask(batch["segment_ids"], batch["reflection_truncated"])  # [N, T] bool
+    temps = segment_temperatures(batch["segment_ids"], sampling_temperatures(t.sampling))  # [N, T]: logits / T
     max_reflection = int(t.sampling.reflection.max_tokens)
     # the whole step's normaliser, over all ranks: each rank's gradient is its share of the global loss
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
@@ -236,9 +237,10 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         # the retry's share of the update's compute.
         cols = mask[mb].any(0).nonzero()
         width = int(cols.max()) + 1 if len(cols) else 1
-        ids, attn, m = (x[mb, :width].to(device) for x in (batch["input_ids"], batch["attention_mask"], mask))
-        logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size))  # [b, T]
-        ref_logp = reference(ids, attn, m) if reference is not None else None   # [b, T]
+        ids, attn, m, temp = (x[mb, :width].to(device)
+                              for x in (batch["input_ids"], batch["attention_mask"], mask, temps))
+        logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size), temp)  # [b, T]
+        ref_logp = reference(ids, attn, m, temp) if reference is not None else None   # [b, T]
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
                                      eps_low=float(t.epsilon), eps_high=float(t.epsilon_high),
                                      beta=float(t.beta), kl_kind=t.kl_estimator, mode=t.loss_agg,
@@ -330,6 +332,18 @@ def validate(cfg: DictConfig) -> None:
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
     fsdp.check(cfg)
+    trained = t.sampling.reflection           # the loss is on reflection tokens: their log-probs must be exact
+    if not float(trained.temperature) > 0:
+        raise UserError(f"train.sampling.reflection.temperature={trained.temperature}: training needs T > 0 "
+                        "(a greedy token has no sampling distribution to score)")
+    if float(trained.top_p) != 1.0:
+        raise UserError(f"train.sampling.reflection.top_p={trained.top_p}: training supports only top_p=1 "
+                        "(the trainer scores the full tempered softmax, not the renormalised nucleus)")
+
+
+def sampling_temperatures(sampling_cfg) -> dict[Segment, float]:
+    """The temperature each sampled segment was drawn at (the trainer and reference score logits / T)."""
+    return {Segment[name.upper()]: float(sampling_cfg[name].temperature) or 1.0 for name in SEGMENTS}
 
 
 def seed_everything(seed: int) -> None:
@@ -381,18 +395,18 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
         return None
     chunk = int(cfg.train.logprob_chunk_size)
     if cfg.train.finetune == "lora":
-        def lora_reference(ids, attention_mask, mask):
+        def lora_reference(ids, attention_mask, mask, temperature):
             with torch.no_grad(), model.disable_adapter():
-                return masked_logprobs(model, ids, attention_mask, mask, chunk)[0]
+                return masked_logprobs(model, ids, attention_mask, mask, chunk, temperature)[0]
         return lora_reference
     if fsdp.is_sharded(model):                       # a sharded policy cannot be copied: load and shard again
         frozen = fsdp.shard(fsdp.fresh_copy(cfg).requires_grad_(False)).eval()
     else:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def frozen_reference(ids, attention_mask, mask):
+    def frozen_reference(ids, attention_mask, mask, temperature):
         with torch.no_grad():
-            return masked_logprobs(frozen, ids, attention_mask, mask, chunk)[0]
+            return masked_logprobs(frozen, ids, attention_mask, mask, chunk, temperature)[0]
     return frozen_reference
 
 

@@ -190,3 +190,27 @@ def test_grpo_loss_through_the_model_ignores_tokens_after_and_around_the_reflect
         assert grad.abs().sum() > 0
         torch.testing.assert_close(poisoned[1][name], grad, atol=1e-6, rtol=0, msg=name)
     assert clean[2]["reflection_tokens"] == 4 + 3
+
+
+def test_masked_logprobs_score_each_token_at_its_own_temperature():
+    from rrr.logprobs import segment_temperatures
+
+    model = tiny_llama()
+    input_ids, attention_mask, target_mask = batch(seed=3)
+    segment_ids = torch.randint(0, 3, input_ids.shape, generator=torch.Generator().manual_seed(1))
+    temps = segment_temperatures(segment_ids, {0: 0.7, 1: 1.3})           # segment 2 -> 1.0
+    assert set(temps.unique().tolist()) == {0.699999988079071, 1.0, 1.2999999523162842}
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logp_all = (logits[:, :-1] / temps[:, 1:, None]).log_softmax(-1)      # token t at its own T
+    expected = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    expected_entropy = -(logp_all.exp() * logp_all).sum(-1)
+    for chunk in (1, 5, 1024):
+        logp, entropy = masked_logprobs(model, input_ids, attention_mask, target_mask, chunk, temps)
+        torch.testing.assert_close(logp[:, 1:], torch.where(target_mask[:, 1:], expected, 0))
+        torch.testing.assert_close(entropy[:, 1:], torch.where(target_mask[:, 1:], expected_entropy, 0))
+    scalar = masked_logprobs(model, input_ids, attention_mask, target_mask, 4, 0.7)[0]
+    tensor = masked_logprobs(model, input_ids, attention_mask, target_mask, 4, torch.full(input_ids.shape, 0.7))[0]
+    torch.testing.assert_close(scalar, tensor)
+    with pytest.raises(ValueError, match="temperature"):
+        masked_logprobs(model, input_ids, attention_mask, target_mask, 4, 0.0)

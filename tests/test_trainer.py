@@ -250,7 +250,7 @@ def test_malloc_mmap_threshold_is_set_on_glibc_and_off_at_zero():
         assert trainer.malloc_mmap_threshold(4 << 20) is True
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_trainer_logprobs_are_the_engines_at_the_sampling_temperature(tmp_path, failures, temperature):
     """The policy's log-probs on reflection tokens are those of the distribution the hf engine sampled
     from (logits / T), so the post-sync canary `sampler_logp_diff` is ~0 at any T, not only T = 1."""
@@ -274,3 +274,13 @@ def test_trainer_logprobs_are_the_engines_at_the_sampling_temperature(tmp_path, 
     assert update["reflection_tokens"] > 10
     assert update["sampler_logp_diff"] < 1e-4             # mean |policy − sampler| per reflection token
     assert update["kl"] == pytest.approx(0, abs=1e-6)     # the reference scores at the same temperature
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.sampling.reflection.temperature=0", "needs T > 0"),
+    ("train.sampling.reflection.top_p=0.9", "only top_p=1"),
+])
+def test_untrainable_reflection_sampling_is_refused(tmp_path, failures, override, message):
+    with pytest.raises(UserError, match=message):
+        trainer.validate(config(failures, tmp_path / "run", override))
+    trainer.validate(config(failures, tmp_path / "run", "train.sampling.attempt2.temperature=0"))  # not scored
