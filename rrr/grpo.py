@@ -62,6 +62,30 @@ def policy_loss(
     return _on_mask(-torch.min(ratio * adv, clipped * adv), mask)
 
 
+IS_CORRECTIONS = ("none", "token_tis")
+
+
+def tis_weights(logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling per token (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"): w = min(π_θ / π_sampler, C), detached.
+
+    logp (trainer) / sampler_logp (engine) / mask [B, T] -> [B, T], 1 off the mask. Corrects the
+    policy gradient for the gap between the engine's numerics (bf16 vLLM kernels) and the trainer's.
+    """
+    with torch.no_grad():
+        ratio = torch.exp(_on_mask(logp, mask) - _on_mask(sampler_logp, mask))  # [B, T]
+        return torch.clamp(ratio, max=cap)
+
+
+def tis_stats(logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> dict[str, float]:
+    """Mean and max of the uncapped π_θ / π_sampler on the mask, and the share of tokens capped at C."""
+    with torch.no_grad():
+        ratio = torch.exp(_on_mask(logp, mask) - _on_mask(sampler_logp, mask))  # [B, T], 1 off the mask
+        return {"is_ratio_mean": _token_mean(ratio, mask),
+                "is_ratio_max": _on_mask(ratio, mask).amax().item() if mask.any() else 1.0,
+                "is_capped_frac": _token_mean(ratio > cap, mask)}
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL(π‖π_ref) estimate [B, T] (Schulman, "Approximating KL divergence", 2020).
 
@@ -136,6 +160,7 @@ def grpo_loss(
     normaliser: Tensor | float | None = None,
     max_reflection_tokens: int | None = None,
     entropy: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO objective on reflection tokens: aggregate(policy_loss + β·KL) -> (scalar loss, stats).
 
@@ -144,10 +169,15 @@ def grpo_loss(
     Stats are detached floats: policy_loss and kl use the loss's normaliser (sum them over
     micro-batches); ratio_mean, clip_frac_low/high and entropy are means over this call's reflection
     tokens (weight by reflection_tokens to combine); ratio_max is a max.
+    is_weights [B, T] (tis_weights, detached) multiply the policy term per token; the KL term is not
+    weighted (it is an exact function of π_θ and π_ref on the sampled tokens).
     """
     old_logp = logp.detach() if old_logp is None else old_logp
     agg = dict(mode=mode, normaliser=normaliser, max_reflection_tokens=max_reflection_tokens)
-    pg_loss = aggregate(policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high), mask, **agg)
+    per_token = policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high)  # [B, T]
+    if is_weights is not None:
+        per_token = per_token * _on_mask(is_weights, mask)
+    pg_loss = aggregate(per_token, mask, **agg)
     kl_loss = pg_loss.new_zeros(())
     if ref_logp is not None:
         kl = kl_penalty(_on_mask(logp, mask), _on_mask(ref_logp, mask), kl_kind)  # [B, T]

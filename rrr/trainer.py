@@ -241,14 +241,19 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
                               for x in (batch["input_ids"], batch["attention_mask"], mask, temps))
         logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size), temp)  # [b, T]
         ref_logp = reference(ids, attn, m, temp) if reference is not None else None   # [b, T]
+        sampler_logp = batch["old_logprobs"][mb, :width].to(device)                       # [b, T]
+        tis = t.is_correction == "token_tis"          # truncated IS for the sampler ≠ trainer gap
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
                                      eps_low=float(t.epsilon), eps_high=float(t.epsilon_high),
                                      beta=float(t.beta), kl_kind=t.kl_estimator, mode=t.loss_agg,
                                      normaliser=normaliser, max_reflection_tokens=max_reflection,
-                                     entropy=entropy)
+                                     entropy=entropy,
+                                     is_weights=grpo.tis_weights(logp, sampler_logp, m, float(t.is_cap)) if tis else None)
         loss.backward()
         stats["loss"] = loss.item()
-        stats["sampler_logp_diff"] = _abs_diff_sum(logp.detach().cpu(), batch["old_logprobs"][mb, :width], m.cpu())
+        stats["sampler_logp_diff"] = _abs_diff_sum(logp.detach().cpu(), sampler_logp.cpu(), m.cpu())
+        if tis:
+            stats.update(grpo.tis_stats(logp, sampler_logp, m, float(t.is_cap)))
         accumulate(totals, stats)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dist.all_reduce_grads(trainable)                    # Σ over ranks = the single-process gradient
@@ -320,7 +325,8 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.train
     choices = {"finetune": ("lora", "full"), "attempt1": ("stored", "online"), "zero_std": ("keep", "skip", "resample"),
                "lr_schedule": ("cosine", "constant"), "kl_estimator": ("k1", "k3"),
-               "scale_rewards": ("group", "none"), "loss_agg": grpo.LOSS_AGGREGATIONS}
+               "scale_rewards": ("group", "none"), "loss_agg": grpo.LOSS_AGGREGATIONS,
+               "is_correction": grpo.IS_CORRECTIONS}
     for key, allowed in choices.items():
         if t[key] not in allowed:
             raise UserError(f"train.{key}={t[key]!r}; valid choices: {', '.join(allowed)}")
@@ -332,6 +338,8 @@ def validate(cfg: DictConfig) -> None:
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
     fsdp.check(cfg)
+    if t.is_correction == "token_tis" and not float(t.is_cap) >= 1:
+        raise UserError(f"train.is_cap={t.is_cap}: the truncation cap C must be >= 1 (verl, TRL: 2)")
     trained = t.sampling.reflection           # the loss is on reflection tokens: their log-probs must be exact
     if not float(trained.temperature) > 0:
         raise UserError(f"train.sampling.reflection.temperature={trained.temperature}: training needs T > 0 "
@@ -485,13 +493,16 @@ def generated_tokens(groups: Sequence[Sequence[Any]]) -> int:
     return sum(segment_len(ep, Segment.REFLECTION) + segment_len(ep, Segment.ATTEMPT2) for g in groups for ep in g)
 
 
+MAX_STATS = ("ratio_max", "is_ratio_max")
+
+
 def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
     """Sum what sums over micro-batches; weight token means by the micro-batch's reflection tokens."""
     n = stats["reflection_tokens"]
     for key, value in stats.items():
         if key in ("loss", "policy_loss", "kl", "reflection_tokens"):
             totals[key] = totals.get(key, 0.0) + value
-        elif key == "ratio_max":
+        elif key in MAX_STATS:
             totals[key] = max(totals.get(key, -math.inf), value)
         elif key == "sampler_logp_diff":
             totals[key] = totals.get(key, 0.0) + value     # a sum over tokens; divided in finish_stats
@@ -501,7 +512,7 @@ def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
 
 def finish_stats(totals: dict[str, float], grad_norm: float) -> dict[str, float]:
     n = max(totals.get("reflection_tokens", 0.0), 1.0)
-    out = {k: v / n if k not in ("loss", "policy_loss", "kl", "reflection_tokens", "ratio_max") else v
+    out = {k: v / n if k not in ("loss", "policy_loss", "kl", "reflection_tokens", *MAX_STATS) else v
            for k, v in totals.items()}
     out["grad_norm"] = grad_norm
     return out

@@ -17,6 +17,8 @@ from rrr.grpo import (
     loss_normaliser,
     policy_loss,
     reflection_loss_mask,
+    tis_stats,
+    tis_weights,
     zero_std_groups,
 )
 
@@ -241,3 +243,38 @@ def test_logits_off_the_mask_do_not_change_loss_or_gradients():
     (loss_a, grad_a), (loss_b, grad_b) = run(logits), run(poisoned)
     assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
     assert (grad_a[~mask] == 0).all()
+
+
+# --- truncated importance sampling (train.is_correction=token_tis) ------------------------------
+
+
+def test_tis_weights_are_the_capped_ratio_on_the_mask_and_one_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0, -0.5, NAN]], dtype=torch.float64)
+    sampler = torch.tensor([[-1.0, -1.0, -2.5, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False]])
+    w = tis_weights(logp, sampler, mask, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, math.exp(-1.0), 2.0, 1.0]], dtype=torch.float64))
+    stats = tis_stats(logp, sampler, mask, cap=2.0)
+    assert stats["is_ratio_mean"] == pytest.approx((1 + math.exp(-1) + math.exp(2)) / 3)
+    assert stats["is_ratio_max"] == pytest.approx(math.exp(2))
+    assert stats["is_capped_frac"] == pytest.approx(1 / 3)
+    assert not tis_weights(logp.requires_grad_(), sampler, mask, 2.0).requires_grad   # a constant weight
+
+
+def test_tis_weights_scale_each_tokens_policy_gradient_and_leave_kl_alone():
+    logp, _, ref, adv, mask = random_batch(seed=4)
+    sampler = logp + 0.4 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(9), dtype=logp.dtype)
+    w = tis_weights(logp, sampler, mask, cap=1.5)
+    assert (w[mask] == 1.5).any() and (w[mask] < 1).any()              # both the cap and a down-weight
+
+    def grads(is_weights, beta):
+        x = logp.clone().requires_grad_()
+        loss, _ = grpo_loss(x, None, ref, adv, mask, **{**LOSS_ARGS, "beta": beta}, is_weights=is_weights)
+        loss.backward()
+        return x.grad
+
+    torch.testing.assert_close(grads(w, 0.0), w * grads(None, 0.0))     # policy term: token-wise × w
+    kl_only = grads(None, 1.0) - grads(None, 0.0)
+    torch.testing.assert_close(grads(w, 1.0) - grads(w, 0.0), kl_only)  # KL term: unweighted
+    nan_off_mask = torch.where(mask, w, NAN)
+    torch.testing.assert_close(grads(nan_off_mask, 0.0), grads(w, 0.0))  # off-mask weights cannot leak

@@ -284,3 +284,30 @@ def test_untrainable_reflection_sampling_is_refused(tmp_path, failures, override
     with pytest.raises(UserError, match=message):
         trainer.validate(config(failures, tmp_path / "run", override))
     trainer.validate(config(failures, tmp_path / "run", "train.sampling.attempt2.temperature=0"))  # not scored
+
+
+def test_token_tis_reweights_the_update_and_logs_its_ratios(tmp_path, failures):
+    cfg = config(failures, tmp_path / "run", "train.beta=0", "train.is_correction=token_tis", "train.is_cap=1.5")
+    model, tokenizer = trainer.build_policy(cfg)
+    examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
+    attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
+    engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
+                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    advantages = trainer.grpo.group_advantages(trainer.group_rewards(groups, 4)).flatten()
+    episodes = [ep for g in groups for ep in g]
+    for ep in episodes:   # the fake sampler says log p = −1; every other token −30: ratios ≪ 1 and capped ones
+        ep.sampler_logprobs = [lp - 29 * (i % 2) for i, lp in enumerate(ep.sampler_logprobs)]
+    optimizer = CapturingOptimizer(p for p in model.parameters() if p.requires_grad)
+    stats = []
+    for correction, size in (("token_tis", 12), ("token_tis", 5), ("none", 12)):
+        cfg.train.is_correction, cfg.train.micro_batch_size = correction, size
+        stats.append(trainer.policy_update(cfg, model, None, optimizer, tokenizer, episodes, advantages))
+    tis_full, tis_micro, plain = optimizer.grads
+    for g, f in zip(tis_micro, tis_full):
+        assert torch.allclose(g, f, atol=1e-6, rtol=1e-4)       # micro-batches still sum to the full batch
+    assert not all(torch.allclose(g, p) for g, p in zip(tis_full, plain))
+    assert stats[0]["is_ratio_max"] == pytest.approx(stats[1]["is_ratio_max"])     # a max over micro-batches
+    assert stats[0]["is_ratio_mean"] == pytest.approx(stats[1]["is_ratio_mean"])
+    assert 0 < stats[0]["is_capped_frac"] < 1 and stats[0]["is_ratio_max"] > 1.5
+    assert "is_ratio_mean" not in stats[2]
