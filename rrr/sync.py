@@ -1,0 +1,36 @@
+"""The sampler's weights around each optimizer step: free the engine's memory, push the new weights,
+and the post-sync canary that stops a run whose engine does not sample the weights being trained.
+
+The canary is the trainer's own `sampler_logp_diff`: the mean |log π_θ − log π_sampler| per reflection
+token of the step's samples, π_θ scored by the trainer before its update at the sampling temperature.
+It is ~0 (fp32: < 1e-4) when the last sync loaded what was trained; a stale or wrong load (the silent
+failure TRL, verl and OpenRLHF users report) shows up as the optimizer's step size in log-prob.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rrr.config import UserError
+
+
+def release_for_update(engine) -> None:
+    """Let the engine free accelerator memory for the optimizer step (vLLM sleep mode; else nothing)."""
+    sleep = getattr(engine, "sleep", None)
+    if sleep is not None:
+        sleep()
+
+
+def push_weights(engine, model) -> float:
+    """engine.load_weights(model); the seconds it took (merge, transfer, reload, prefix-cache reset)."""
+    t0 = time.perf_counter()
+    engine.load_weights(model)
+    return time.perf_counter() - t0
+
+
+def check_logprob_diff(step: int, diff: float, limit: float | None) -> None:
+    """Stop with one line when the step's samples were not drawn from the trained weights."""
+    if limit is not None and diff > float(limit):
+        raise UserError(f"step {step}: sync/logprob_diff={diff:.3g} > engine.max_logprob_diff={limit}: the engine "
+                        "is not sampling the trained weights (stale or wrong weight sync); check the sync, or "
+                        "raise the limit for bf16 engines (and consider train.is_correction=token_tis)")
