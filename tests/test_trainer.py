@@ -315,7 +315,7 @@ def test_token_tis_reweights_the_update_and_logs_its_ratios(tmp_path, failures):
 
 
 def test_canary_stops_the_run_with_one_line_when_the_sampler_is_not_the_policy(tmp_path, failures, monkeypatch):
-    trainer_fakes.install(monkeypatch, trainer)      # its log-probs (−1 per token) are no model's
+    trainer_fakes.install(monkeypatch, trainer, canary=True)   # its log-probs (−1 per token) are no model's
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"^step 1: sync/logprob_diff=\S+ > engine.max_logprob_diff=0.05: "
                                         r"the engine is not sampling the trained weights") as e:

@@ -74,8 +74,11 @@ class ParityTask:
         return Verdict(ok, "ok" if ok else "odd length")
 
 
-def install(monkeypatch, trainer_module) -> None:
-    """Route the trainer's engine and task to the fakes."""
+def install(monkeypatch, trainer_module, canary: bool = False) -> None:
+    """Route the trainer's engine and task to the fakes. The fake engine's log-probs (−1 per token) are
+    no model's, so the post-sync canary is off unless `canary`."""
+    if not canary:
+        monkeypatch.setattr(trainer_module.sync, "check_logprob_diff", lambda step, diff, limit: None)
     monkeypatch.setattr(trainer_module, "build_engine",
                         lambda cfg, model, tok: RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>")))
     monkeypatch.setattr(trainer_module, "get_task", lambda name: ParityTask())
