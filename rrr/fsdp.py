@@ -120,7 +120,7 @@ def idle_step(model, reference, pad_id: int, chunk: int) -> None:
     mask = torch.tensor([[False, True]], device=device)
     logp = masked_logprobs(model, ids, attn, mask, chunk)[0]
     if reference is not None:
-        reference(ids, attn, mask)
+        reference(ids, attn, mask, 1.0)
     (0.0 * logp.sum()).backward()
 
 

@@ -73,12 +73,13 @@ def masked_logprobs(
     Position ids come from the attention mask (cumsum − 1), so left padding does not change the result.
     """
     if hasattr(model, "rrr_masked_logprobs"):  # FSDP2 (rrr/fsdp.py): runs as a forward method of the root
-        return model.rrr_masked_logprobs(input_ids, attention_mask, target_mask, chunk_size)
-    return _masked_logprobs(model, input_ids, attention_mask, target_mask, chunk_size)
+        return model.rrr_masked_logprobs(input_ids, attention_mask, target_mask, chunk_size, temperature)
+    return _masked_logprobs(model, input_ids, attention_mask, target_mask, chunk_size, temperature)
 
 
 def _masked_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, chunk_size: int = 1024
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, chunk_size: int = 1024,
+    temperature: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
     if target_mask[:, 0].any():
         raise ValueError("position 0 has no context: it cannot be a target")

@@ -526,10 +526,14 @@ def reduce_totals(totals: dict[str, float]) -> dict[str, float]:
     if dist.world() == 1:
         return totals
     keys = [k for k in empty_update() if k != "grad_norm"]
-    sums = dist.all_reduce_sum(torch.tensor([totals.get(k, 0.0) if k != "ratio_max" else 0.0 for k in keys],
+    if dist.all_reduce_max(float("is_ratio_mean" in totals)) > 0:      # token_tis on any rank: the same keys on all
+        keys += ["is_ratio_mean", "is_ratio_max", "is_capped_frac"]
+    sums = dist.all_reduce_sum(torch.tensor([totals.get(k, 0.0) if k not in MAX_STATS else 0.0 for k in keys],
                                             dtype=torch.float64))
-    out = {k: float(v) for k, v in zip(keys, sums) if k != "ratio_max"}
-    out["ratio_max"] = dist.all_reduce_max(totals.get("ratio_max", -math.inf))
+    out = {k: float(v) for k, v in zip(keys, sums) if k not in MAX_STATS}
+    for k in MAX_STATS:
+        if k in keys:
+            out[k] = dist.all_reduce_max(totals.get(k, -math.inf))
     return out
 
 
