@@ -227,7 +227,8 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    for mb in fsdp.pad_micro_batches(model, torch.arange(len(episodes)).split(int(t.micro_batch_size))):
+    micro = torch.arange(len(episodes)).split(int(t.micro_batch_size)) if episodes else ()
+    for mb in fsdp.pad_micro_batches(model, micro):
         if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
             fsdp.idle_step(model, reference, tokenizer.pad_token_id, int(t.logprob_chunk_size))
             continue
