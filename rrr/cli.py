@@ -49,7 +49,13 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
     except UserError as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
-        _fail("interrupted; everything written so far is kept (re-run with run_dir=... to continue)", 130)
+        typer.echo("", err=True)                   # off the progress bar's line
+        from rrr.runs import CURRENT_RUN
+
+        if CURRENT_RUN is None:
+            _fail("interrupted before anything was written", 130)
+        _fail(f"interrupted; everything written so far is kept. To continue, re-run the same command with\n"
+              f"  run_dir={CURRENT_RUN}", 130)
     finally:
         distributed.destroy()
 

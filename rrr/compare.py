@@ -36,7 +36,8 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 CONTROLS = ("best_of_2", "retry_no_reflection", "generic_reflection")
 REFLECTION_STATS = {"tokens_mean": "tokens mean", "tokens_p50": "p50", "tokens_p95": "p95",
-                    "truncated_share": "truncated", "distinct_3gram_ratio": "distinct 3-grams"}
+                    "truncated_share": "truncated", "distinct_3gram_ratio": "distinct 3-grams",
+                    "leak_share": "answer leaked"}   # reflections holding a parsable answer (rrr.leak)
 LABEL_ORDER = {"vanilla": 0, "trained": 1}
 
 
@@ -66,14 +67,27 @@ class EvalRun:
 # ---------------------------------------------------------------- reading runs
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}); re-run `rrr evaluate` with run_dir={path.parent}"
+                        " to rewrite it") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object; re-run `rrr evaluate` with run_dir={path.parent}")
+    return value
 
 
 def _read_outcomes(path: Path, default_set: str) -> dict[str, pd.DataFrame]:
     """Outcomes per test set (a run written before test sets existed is one set, `default_set`)."""
     import pyarrow.parquet as pq
 
-    present = set(pq.read_schema(path).names)
+    try:
+        present = set(pq.read_schema(path).names)
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a damaged file
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run `rrr evaluate` with "
+                        f"run_dir={path.parent} to rewrite it") from None
     if "example_id" not in present:
         raise UserError(f"{path} has no example_id column; re-run `rrr evaluate` to rewrite it")
     keep = {key: col for key, (col, _) in METRICS.items() if col in present}
@@ -285,7 +299,7 @@ def reflection_markdown(runs: list[EvalRun]) -> str:
     def fmt(key: str, v: Any) -> str:
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return "—"
-        return f"{100 * v:.1f}%" if key in ("truncated_share",) else f"{v:.2f}" if isinstance(v, float) else str(v)
+        return f"{100 * v:.1f}%" if key in ("truncated_share", "leak_share") else f"{v:.2f}" if isinstance(v, float) else str(v)
 
     rows = [[r.name] + [fmt(k, r.reflection.get(k)) for k in REFLECTION_STATS] for r in runs]
     return _md_table(["run", *REFLECTION_STATS.values()], rows)

@@ -97,7 +97,7 @@ def test_resume_replays_the_straight_run_bit_for_bit(tmp_path, failures, monkeyp
     with open(resumed / "metrics.jsonl", "a") as f:            # a row from the lost step: must be dropped
         f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
     monkeypatch.setattr(trainer, "peak_rss_gb", real)
-    with pytest.raises(UserError, match=r"different settings \(train\)"):
+    with pytest.raises(UserError, match=r"different settings \(train\.lr\)"):
         trainer.run(config(failures, resumed, "train.lr=0.02"))     # other settings: refused, nothing written
     assert latest_checkpoint(resumed).name == "step_00002"
     trainer.run(cfg)
