@@ -194,8 +194,8 @@ def lock_run_dir(run: Path) -> None:
     import socket
 
     path, me = run / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
-    if run.resolve() in _HELD:
-        return
+    if run.resolve() in _HELD and (_lock_holder(path) or {}).get("pid") == os.getpid():
+        return                               # this process holds it already (a resumed step, a retry)
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
