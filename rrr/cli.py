@@ -52,6 +52,7 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         typer.echo("", err=True)                   # off the progress bar's line
         from rrr.runs import CURRENT_RUN
 
+        typer.echo("", err=True)                   # off the progress bar's line
         if CURRENT_RUN is None:
             _fail("interrupted before anything was written", 130)
         _fail(f"interrupted; everything written so far is kept. To continue, re-run the same command with\n"

@@ -23,7 +23,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from rrr.config import UserError
-from rrr.runs import atomic_write_json, atomic_write_text, git_sha, read_metrics
+from rrr.runs import atomic_write_json, atomic_write_text, claim_run_dir, git_sha, read_metrics
 from rrr.stats import bootstrap_ci, paired_bootstrap_diff
 
 # metric key -> (column in results.parquet, column title in the report)
@@ -448,7 +448,9 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
     runs = load_evaluations(eval_dirs) if eval_dirs else {}
     bench_runs = bench_report.name_runs([bench_report.load_bench_run(p) for p in bench_dirs])
     out = Path(out) if out else _default_out()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    claim_run_dir(out)                              # created, locked (one writer), announced
     names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *bench_runs]))
     sections = []
     if runs:

@@ -53,3 +53,22 @@ def test_changed_keys_are_dotted_leaves():
     new = {"train": {"lr": 2e-5, "sampling": {"reflection": {"temperature": 0.7}}}, "seed": 0}
     assert changed_keys(old, new) == ["train.lr", "train.sampling.reflection.temperature"]
     assert changed_keys({"a": 1}, {"a": 1, "b": 2}) == ["b"]
+
+
+def test_ctrl_c_names_the_run_dir_on_its_own_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import rrr.evaluate
+    from rrr import runs
+    from rrr.cli import app
+
+    def interrupted(cfg):
+        monkeypatch.setattr(runs, "CURRENT_RUN", tmp_path / "run")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rrr.evaluate, "run", interrupted)
+    result = CliRunner().invoke(app, ["evaluate"])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "" and lines[1].startswith("error: interrupted")         # not glued to a progress bar
+    assert lines[2] == f"  run_dir={tmp_path / 'run'}"                           # the path, on its own line

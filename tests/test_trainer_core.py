@@ -219,7 +219,7 @@ def test_online_unscorable_attempt1_is_counted_apart_not_as_a_failure(monkeypatc
     assert stats == {"attempt1_pass_rate": 0.5, "unscorable_attempt1": 2}
 
 
-def test_verifier_errors_are_logged_per_step(tmp_path, failures, monkeypatch):
+def test_verifier_errors_are_logged_per_step(tmp_path, failures, monkeypatch, capsys):
     trainer_fakes.install(monkeypatch, trainer)
 
     def flaky(self, example, text):
@@ -232,6 +232,9 @@ def test_verifier_errors_are_logged_per_step(tmp_path, failures, monkeypatch):
     logged = rows(run)
     assert all("verifier_errors" in r and "unscorable_attempt1" in r for r in logged)
     assert sum(r["verifier_errors"] for r in logged) == sum(r["unscorable"] for r in logged) > 0
+    out = capsys.readouterr().out                     # the run dir first; a final hint that works as printed
+    assert out.splitlines()[0] == f"run dir: {run}"
+    assert f"rrr evaluate task=countdown model=tiny-random model.path={run / 'checkpoints' / 'final'}" in out
 
 
 # ----------------------------------------------------------------------------- stored prompt ids
