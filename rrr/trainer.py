@@ -435,7 +435,7 @@ def malloc_mmap_threshold(nbytes: int) -> bool:
     """Serve CPU allocations of at least `nbytes` with their own mmap (glibc's M_MMAP_THRESHOLD), so freed
     tensors go back to the OS at once. glibc's default threshold grows with the sizes freed (up to 32 MB),
     and the per-layer activations and LM-head chunks of a CPU train step then pile up in the heap as freed
-    but resident memory: 8.2 GB peak RSS instead of 3 GB for a 0.5B LoRA step (scripts/bench_train_step.py).
+    but resident memory: 8.2 GB peak RSS instead of 3 GB for a 0.5B LoRA step (bench/train_memory.py).
     Setting it also fixes the trim threshold. 0 leaves glibc alone; a no-op off glibc. True when set."""
     if nbytes <= 0:
         return False
