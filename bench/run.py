@@ -48,7 +48,8 @@ def main() -> None:
     if "verifiers" in parts:
         record("verifiers", worker(py, "bench.verifiers", ["--n", str(a["verifier_cases"])]))
     failures = a["failures"]
-    if "throughput" in parts or not failures:
+    needs_failures = any(x in parts for x in ("train", "trl_r3", "trl_plain", "rollout"))
+    if "throughput" in parts or (needs_failures and not failures):
         out = worker(py, "bench.throughput", [*shared, "engine=hf"])
         record("throughput", out)
         failures = out["failures"]
