@@ -92,11 +92,12 @@ def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> 
 
 @app.command()
 def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or benchmark run directories"),
-            out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md")) -> None:
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md"),
+            note: str = typer.Option("", "--note", help="a sentence printed and put at the top of report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""
     from rrr.compare import run as compare_run
     try:
-        compare_run([Path(r) for r in run_dirs], out)
+        compare_run([Path(r) for r in run_dirs], out, note=note)
     except UserError as e:
         _fail(str(e), 1)
 

@@ -6,8 +6,10 @@ same CI method and seed. Runs must cover the same task, split and examples: that
 difference *paired* (trained − vanilla on the same examples; 2nd try − a control within one run), and a
 paired bootstrap gives a much tighter CI than comparing two independent intervals.
 
-Writes `report.md`, `table.csv`, `deltas.csv`, `accuracy.png` and, when the evaluate runs point to
-train runs with `metrics.jsonl`, `train_reward.png` and `reflection_length.png`.
+Writes `report.md`, `table.csv`, `deltas.csv`, `preregistered.csv` (the three comparisons that decide
+the result, `PREREGISTERED`, per test set), `accuracy.png` and, when the evaluate runs point to train
+runs with `metrics.jsonl`, `train_reward.png`, `reflection_length.png` and how many updates carried
+gradient.
 """
 
 from __future__ import annotations
@@ -258,6 +260,45 @@ def trained_vs_vanilla(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The comparisons that decide the result, fixed before the run (docs/results.md): (title, trained metric,
+# baseline run, baseline metric). Each is paired over the same examples.
+PREREGISTERED = (
+    ("trained 2nd try − vanilla best-of-2", "second_try", "vanilla", "best_of_2"),
+    ("trained 2nd try − trained retry, no reflection", "second_try", "trained", "retry_no_reflection"),
+    ("trained 1st try − vanilla 1st try", "first_try", "vanilla", "first_try"),
+)
+
+
+def preregistered(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
+    """Per (trained, vanilla) pair of one model, the three pre-registered paired deltas and their CIs."""
+    rows = []
+    for t in (r for r in runs if r.label == "trained"):
+        for v in (r for r in runs if r.label == "vanilla" and r.model == t.model):
+            for title, kt, base, kb in PREREGISTERED:
+                other = v if base == "vanilla" else t
+                have = kt in t.outcomes and kb in other.outcomes
+                d, lo, hi = paired_bootstrap_diff(t.outcomes[kt].to_numpy(), other.outcomes[kb].to_numpy(),
+                                                  n_boot) if have else (np.nan,) * 3
+                rows.append({"comparison": title, "model": t.model, "run_a": t.name, "run_b": other.name,
+                             "delta": d, "delta_lo": lo, "delta_hi": hi})
+    return pd.DataFrame(rows)
+
+
+def training_summary(runs: list[EvalRun]) -> list[str]:
+    """One line per distinct train run: how many updates carried gradient (grad norm > 0), and the
+    mixed groups (reward variance: the only groups with a GRPO advantage) when the run logged them."""
+    lines = []
+    for name, df in _training_curves(runs).items():
+        if "grad_norm" not in df:
+            continue
+        line = (f"training of {name}: {int((df['grad_norm'] > 0).sum())} of {len(df)} updates carried gradient "
+                "(grad norm > 0)")
+        if "mixed_groups" in df and "groups" in df:
+            line += f"; mixed-reward groups {int(df['mixed_groups'].sum())} of {int(df['groups'].sum())}"
+        lines.append(line)
+    return lines
+
+
 def reflection_gaps(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
     """Per run, 2nd try − each control: does a reflection beat a second sample / a bare retry?"""
     pairs = {c: ("second_try", c) for c in CONTROLS}
@@ -387,8 +428,13 @@ def _training_curves(runs: list[EvalRun]) -> dict[str, pd.DataFrame]:
 
 # ---------------------------------------------------------------- report
 
+def prereg_markdown(pre: pd.DataFrame) -> str:
+    rows = [[row.model, row.comparison, _pp(row.delta, row.delta_lo, row.delta_hi)] for _, row in pre.iterrows()]
+    return _md_table(["model", "pre-registered comparison", "Δ pp [95% CI]"], rows)
+
+
 def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, gaps: pd.DataFrame,
-                  plots: list[str], n_boot: int, level: int = 1) -> str:
+                  plots: list[str], n_boot: int, level: int = 1, pre: pd.DataFrame | None = None) -> str:
     """The report of one test set; `level` 2 nests it as a section of a several-set report."""
     ref = runs[0]
     h = "#" * level
@@ -404,6 +450,9 @@ def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, 
         accuracy_markdown(acc),
         "",
     ]
+    if pre is not None and len(pre):
+        parts += [f"{h}# Pre-registered comparisons (pp, paired bootstrap over the same examples)", "",
+                  prereg_markdown(pre), ""]
     if len(deltas):
         keys = list(METRICS)
         parts += [f"{h}# Trained − vanilla (percentage points, paired bootstrap over the same examples)", "",
@@ -436,7 +485,7 @@ def _default_out() -> Path:
     return out
 
 
-def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Path:
+def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000, note: str = "") -> Path:
     """Compare evaluate runs and/or benchmark runs; write report.md, the CSVs and plots into `out`."""
     from rrr import bench_report
 
@@ -463,9 +512,11 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
         if len(deltas):
             print()
             print(bench_report.deltas_markdown(deltas))
-    atomic_write_text(out / "report.md", "\n".join(sections))
+    atomic_write_text(out / "report.md", "\n".join(([note, ""] if note else []) + sections))
     atomic_write_json(out / "manifest.json", {"command": "compare", "runs": names, "git_sha": git_sha(),
                                               "n_boot": n_boot})
+    if note:
+        print(f"\n{note}")
     print(f"\nreport: {out / 'report.md'}")
     return out
 
@@ -502,7 +553,7 @@ def _slug(name: str) -> str:
 def compare_evaluations(by_set: dict[str, list[EvalRun]], out: Path, n_boot: int) -> str:
     """The evaluate part: per test set, accuracy table, paired deltas and a plot; returns the markdown."""
     single = len(by_set) == 1
-    sections, tables, all_deltas = [], [], []
+    sections, tables, all_deltas, all_pre = [], [], [], []
     curves = _training_curves([r for runs in by_set.values() for r in runs])
     train_plots = []
     if plot_training(curves, "reward_mean", "retry success rate (reward mean)", out / "train_reward.png"):
@@ -514,34 +565,45 @@ def compare_evaluations(by_set: dict[str, list[EvalRun]], out: Path, n_boot: int
         acc = accuracy_table(runs, n_boot)
         deltas = trained_vs_vanilla(runs, n_boot)
         gaps = reflection_gaps(runs, n_boot)
+        pre = preregistered(runs, n_boot)
         plot = "accuracy.png" if single else f"accuracy_{_slug(name)}.png"
         what = ref.task if single else f"{name} ({ref.task})"
         plot_accuracy(acc, f"{what}, {ref.split} split, n={len(ref.outcomes)}: accuracy with 95% bootstrap CIs",
                       out / plot)
         sections.append(render_report(runs, acc, deltas, gaps, [plot] + (train_plots if single else []), n_boot,
-                                      level=1 if single else 2))
-        for df in (acc, deltas, gaps):
+                                      level=1 if single else 2, pre=pre))
+        for df in (acc, deltas, gaps, pre):
             df.insert(0, "test_set", name)
             if len(df):
                 df.insert(1, "relation", df["run_a" if "run_a" in df else "run"].map(
                     {r.name: r.relation for r in runs}).fillna(""))
         tables.append(acc)
         all_deltas += [deltas, gaps]
+        all_pre.append(pre)
         print(f"\n[{name}]" if not single else "")
         print(accuracy_markdown(acc))
         if len(deltas):
             print()
             print(_delta_markdown(deltas, "model", ["first_try", "second_try"], ["Δ 1st try (pp)", "Δ 2nd try (pp)"]))
+        if len(pre):
+            print()
+            print(prereg_markdown(pre))
     atomic_write_text(out / "table.csv", pd.concat(tables, ignore_index=True).to_csv(index=False))
     atomic_write_text(out / "deltas.csv", pd.concat(all_deltas, ignore_index=True).to_csv(index=False))
+    atomic_write_text(out / "preregistered.csv", pd.concat(all_pre, ignore_index=True).to_csv(index=False))
+    training = training_summary([r for runs in by_set.values() for r in runs])
+    if training:
+        print()
+        print("\n".join(training))
+    training_md = ["## Training", ""] + [f"- {line}" for line in training] + [""] if training else []
     if single:
-        return sections[0]
+        return "\n".join([sections[0]] + training_md)
     head = [f"# R3 comparison: {len(by_set)} test sets", "",
             "Each test set is scored and bootstrapped apart (its own examples, CIs and paired deltas). "
             "2nd-try accuracy in % per run and set; the last column says, for the trained model, whether "
             "the set was in its training data.", "", overview_markdown(by_set, n_boot), ""]
     tail = ["## Training curves", ""] + [f"![{p}]({p})" for p in train_plots] + [""] if train_plots else []
-    return "\n".join(head + sections + tail)
+    return "\n".join(head + training_md + sections + tail)
 
 
 def overview_markdown(by_set: dict[str, list[EvalRun]], n_boot: int) -> str:

@@ -541,6 +541,7 @@ def rollout_stats(groups: Sequence[Sequence[Any]], rewards: torch.Tensor) -> dic
     lengths = [segment_len(ep, Segment.REFLECTION) for ep in episodes]
     stats = {"reward_mean": _nanmean(rewards), "unscorable": int(rewards.isnan().sum()),
              "episodes": len(episodes), "groups": len(groups),
+             "mixed_groups": int((~grpo.zero_std_groups(rewards)).sum()),   # after resampling: carry advantage
              "reflection_len_mean": float(np.mean(lengths)) if lengths else 0.0,
              "reflection_len_p95": float(np.percentile(lengths, 95)) if lengths else 0.0}
     for seg in SEGMENTS:
