@@ -41,7 +41,7 @@ from rrr.tasks import get_task
 FIXED = ("model.", "train.gradient_checkpointing", "train.finetune")
 
 
-def measure(cfg, model, reference, tokenizer, engine, steps: int) -> dict:
+def measure(cfg, model, reference, tokenizer, engine, steps: int, episodes_out: Path | None = None) -> dict:
     """S trainer steps under `cfg` at lr 0; per-step rows and totals."""
     t = cfg.train
     examples, stored = tr.load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate)
@@ -77,6 +77,14 @@ def measure(cfg, model, reference, tokenizer, engine, steps: int) -> dict:
                      "grad_norm": update["grad_norm"], "gen_s": round(gen_s, 1),
                      "update_s": round(time.time() - t0 - gen_s, 1), "step_s": round(time.time() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
+        if episodes_out is not None:                          # texts, to see why groups fail or truncate
+            with episodes_out.open("a") as f:
+                for g in groups:
+                    for ep in g:
+                        f.write(json.dumps({"step": step, "query": ep.example_id, "reward": ep.reward,
+                                            "reflection_truncated": bool(ep.truncated.get("reflection")),
+                                            "reflection": ep.texts.get("reflection", ""),
+                                            "attempt2": ep.texts.get("attempt2", "")}) + "\n")
     groups = sum(r["groups"] for r in rows)
     with_grad = sum(r["grad_norm"] > 0 for r in rows)
     seconds = sum(r["step_s"] for r in rows)
@@ -109,6 +117,7 @@ def main() -> None:
     ap.add_argument("--setting", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[])
     ap.add_argument("--out", type=Path, default=Path("outputs/measure_settings.jsonl"))
     ap.add_argument("--table", type=Path)
+    ap.add_argument("--episodes", type=Path, help="append every trained group's texts and rewards here (JSONL)")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
@@ -130,7 +139,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, ov in settings:
         print(f"=== {name}: {' '.join(ov)}", flush=True)
-        result = measure(compose(base + ov), model, reference, tokenizer, engine, args.steps)
+        result = measure(compose(base + ov), model, reference, tokenizer, engine, args.steps, args.episodes)
         with args.out.open("a") as f:
             f.write(json.dumps({"name": name, "overrides": ov, **result}) + "\n")
         print(table(args.out))
