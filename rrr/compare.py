@@ -285,15 +285,19 @@ def preregistered(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
 
 
 def training_summary(runs: list[EvalRun]) -> list[str]:
-    """One line per distinct train run: how many updates carried gradient (grad norm > 0), and the
-    mixed groups (reward variance: the only groups with a GRPO advantage) when the run logged them."""
+    """One line per distinct train run: how many updates carried gradient, and the mixed groups (reward
+    variance: the only groups with a GRPO advantage) when the run logged them. With `mixed_groups` logged,
+    an update counts only if it had a mixed group and a non-zero gradient: a KL-only gradient (zero-variance
+    groups kept with `train.zero_std=keep`) is not a learning signal from the reward."""
     lines = []
     for name, df in _training_curves(runs).items():
         if "grad_norm" not in df:
             continue
-        line = (f"training of {name}: {int((df['grad_norm'] > 0).sum())} of {len(df)} updates carried gradient "
-                "(grad norm > 0)")
-        if "mixed_groups" in df and "groups" in df:
+        mixed = "mixed_groups" in df and "groups" in df
+        carried = (df["grad_norm"] > 0) & ((df["mixed_groups"] > 0) if mixed else True)
+        line = (f"training of {name}: {int(carried.sum())} of {len(df)} updates carried gradient "
+                + ("(a mixed-reward group, grad norm > 0)" if mixed else "(grad norm > 0)"))
+        if mixed:
             line += f"; mixed-reward groups {int(df['mixed_groups'].sum())} of {int(df['groups'].sum())}"
         lines.append(line)
     return lines

@@ -128,7 +128,7 @@ def main() -> None:
     run_cfg = OmegaConf.load(f"{args.failures}/config.yaml")
     base = ["experiment=demo", f"task={run_cfg.task.name}", f"model={run_cfg.model.name}",
             f"train.failures={args.failures}", "train.lr=0.0"]
-    settings = [(name, shlex.split(ov)) for name, ov in args.setting]
+    settings = [(name, shlex.split(ov, posix=False)) for name, ov in args.setting]   # keep quotes for Hydra
     for name, ov in settings:
         if any(o.startswith(FIXED) for o in ov):
             raise SystemExit(f"setting {name}: {', '.join(FIXED)} are fixed within one call (one model load)")

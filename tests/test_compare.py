@@ -200,13 +200,14 @@ def test_training_summary_counts_updates_with_gradient(tmp_path, capsys):
     run.mkdir()
     rows = [{"step": 1, "grad_norm": 0.0, "mixed_groups": 0, "groups": 2, "reward_mean": 0.0},
             {"step": 2, "grad_norm": 0.31, "mixed_groups": 1, "groups": 2, "reward_mean": 0.5},
-            {"step": 3, "grad_norm": 0.12, "mixed_groups": 2, "groups": 2, "reward_mean": 0.5}]
+            {"step": 3, "grad_norm": 0.12, "mixed_groups": 2, "groups": 2, "reward_mean": 0.5},
+            {"step": 4, "grad_norm": 0.002, "mixed_groups": 0, "groups": 2, "reward_mean": 0.0}]   # KL only
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     first = outcomes(25, 0.5)
     v = make_eval_run(tmp_path, "v", "m", "vanilla", first, first)
     t = make_eval_run(tmp_path, "t", "m", "trained", first, first, train_run=run)
     out = compare.run([v, t], tmp_path / "cmp")
-    line = "2 of 3 updates carried gradient (grad norm > 0); mixed-reward groups 3 of 6"
+    line = "2 of 4 updates carried gradient (a mixed-reward group, grad norm > 0); mixed-reward groups 3 of 8"
     assert line in capsys.readouterr().out and line in (out / "report.md").read_text()
 
 
