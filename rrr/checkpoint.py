@@ -73,6 +73,7 @@ def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimiz
         return final
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp, state_dict=model_state)   # adapter only for a PeftModel, else the full model
+        record_base_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
@@ -83,6 +84,18 @@ def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimiz
     return final
 
 
+def record_base_model(model, directory: Path) -> None:
+    """An adapter names the base model it belongs to (`rrr_base_model.json`; peft's own
+    `base_model_name_or_path` is null or a cache path for embedded and random models), so loading it
+    onto another base model is refused with one line (rrr.models.check_adapter_base)."""
+    from rrr.models import BASE_MODEL_FILE
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    record = getattr(base, "rrr_base_model", None)
+    if record is not None and (directory / "adapter_config.json").exists():
+        (directory / BASE_MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def is_complete(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and (path / COMPLETE).is_file()
 
@@ -91,15 +104,49 @@ def checkpoint_step(path: Path) -> int:
     return int(json.loads((path / STATE_JSON).read_text())["step"])
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step (`final` wins a tie); temp and partial dirs are skipped."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, newest first (`final` wins a tie); temp and partial dirs are skipped, and a
+    checkpoint whose state.json is unreadable sorts last (it is tried, and refused, only after the rest)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     done = [p for p in root.iterdir() if is_complete(p) and (_STEP_DIR.match(p.name) or p.name == "final")]
-    if not done:
+    return sorted(done, key=lambda p: (_step_or_none(p) is not None, _step_or_none(p) or 0, p.name == "final"),
+                  reverse=True)
+
+
+def _step_or_none(path: Path) -> int | None:
+    try:
+        return checkpoint_step(path)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return max(done, key=lambda p: (checkpoint_step(p), p.name == "final"))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step (`final` wins a tie)."""
+    found = complete_checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def load_latest_checkpoint(run_dir: str | Path, *, model, optimizer, scheduler) -> Resume | None:
+    """Resume from the newest complete checkpoint that loads; a damaged one (a corrupt weights file,
+    optimizer state or state.json) is skipped with a warning for the previous complete one. None when
+    the run has no checkpoint; one clear error when none of them loads."""
+    import sys
+
+    tried = []
+    for path in complete_checkpoints(run_dir):
+        try:
+            return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+        except Exception as e:  # noqa: BLE001 — safetensors, torch.load and json raise many types
+            why = str(e).splitlines()[0][:160] if isinstance(e, UserError) else type(e).__name__
+            print(f"warning: checkpoint {path} cannot be loaded ({why}); falling back to the previous "
+                  "complete checkpoint", file=sys.stderr)
+            tried.append(path.name)
+    if tried:
+        raise UserError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} loads (tried {', '.join(tried)}); "
+                        "delete the damaged ones to restart from an earlier step, or drop run_dir=... to start over")
+    return None
 
 
 def remove_partial(run_dir: str | Path) -> None:

@@ -49,7 +49,13 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
     except UserError as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
-        _fail("interrupted; everything written so far is kept (re-run with run_dir=... to continue)", 130)
+        from rrr.runs import CURRENT_RUN
+
+        typer.echo("", err=True)                   # off the progress bar's line
+        if CURRENT_RUN is None:
+            _fail("interrupted before anything was written", 130)
+        _fail(f"interrupted; everything written so far is kept. To continue, re-run the same command with\n"
+              f"  run_dir={CURRENT_RUN}", 130)
     finally:
         distributed.destroy()
 
@@ -86,11 +92,12 @@ def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> 
 
 @app.command()
 def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or benchmark run directories"),
-            out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md")) -> None:
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md"),
+            note: str = typer.Option("", "--note", help="a sentence printed and put at the top of report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""
     from rrr.compare import run as compare_run
     try:
-        compare_run([Path(r) for r in run_dirs], out)
+        compare_run([Path(r) for r in run_dirs], out, note=note)
     except UserError as e:
         _fail(str(e), 1)
 

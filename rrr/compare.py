@@ -6,8 +6,10 @@ same CI method and seed. Runs must cover the same task, split and examples: that
 difference *paired* (trained − vanilla on the same examples; 2nd try − a control within one run), and a
 paired bootstrap gives a much tighter CI than comparing two independent intervals.
 
-Writes `report.md`, `table.csv`, `deltas.csv`, `accuracy.png` and, when the evaluate runs point to
-train runs with `metrics.jsonl`, `train_reward.png` and `reflection_length.png`.
+Writes `report.md`, `table.csv`, `deltas.csv`, `preregistered.csv` (the three comparisons that decide
+the result, `PREREGISTERED`, per test set), `accuracy.png` and, when the evaluate runs point to train
+runs with `metrics.jsonl`, `train_reward.png`, `reflection_length.png` and how many updates carried
+gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from rrr.config import UserError
-from rrr.runs import atomic_write_json, atomic_write_text, git_sha, read_metrics
+from rrr.runs import atomic_write_json, atomic_write_text, claim_run_dir, git_sha, read_metrics
 from rrr.stats import bootstrap_ci, paired_bootstrap_diff
 
 # metric key -> (column in results.parquet, column title in the report)
@@ -36,7 +38,8 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 CONTROLS = ("best_of_2", "retry_no_reflection", "generic_reflection")
 REFLECTION_STATS = {"tokens_mean": "tokens mean", "tokens_p50": "p50", "tokens_p95": "p95",
-                    "truncated_share": "truncated", "distinct_3gram_ratio": "distinct 3-grams"}
+                    "truncated_share": "truncated", "distinct_3gram_ratio": "distinct 3-grams",
+                    "leak_share": "answer leaked"}   # reflections holding a parsable answer (rrr.leak)
 LABEL_ORDER = {"vanilla": 0, "trained": 1}
 
 
@@ -66,14 +69,27 @@ class EvalRun:
 # ---------------------------------------------------------------- reading runs
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}); re-run `rrr evaluate` with run_dir={path.parent}"
+                        " to rewrite it") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object; re-run `rrr evaluate` with run_dir={path.parent}")
+    return value
 
 
 def _read_outcomes(path: Path, default_set: str) -> dict[str, pd.DataFrame]:
     """Outcomes per test set (a run written before test sets existed is one set, `default_set`)."""
     import pyarrow.parquet as pq
 
-    present = set(pq.read_schema(path).names)
+    try:
+        present = set(pq.read_schema(path).names)
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a damaged file
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run `rrr evaluate` with "
+                        f"run_dir={path.parent} to rewrite it") from None
     if "example_id" not in present:
         raise UserError(f"{path} has no example_id column; re-run `rrr evaluate` to rewrite it")
     keep = {key: col for key, (col, _) in METRICS.items() if col in present}
@@ -244,6 +260,49 @@ def trained_vs_vanilla(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The comparisons that decide the result, fixed before the run (docs/results.md): (title, trained metric,
+# baseline run, baseline metric). Each is paired over the same examples.
+PREREGISTERED = (
+    ("trained 2nd try − vanilla best-of-2", "second_try", "vanilla", "best_of_2"),
+    ("trained 2nd try − trained retry, no reflection", "second_try", "trained", "retry_no_reflection"),
+    ("trained 1st try − vanilla 1st try", "first_try", "vanilla", "first_try"),
+)
+
+
+def preregistered(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
+    """Per (trained, vanilla) pair of one model, the three pre-registered paired deltas and their CIs."""
+    rows = []
+    for t in (r for r in runs if r.label == "trained"):
+        for v in (r for r in runs if r.label == "vanilla" and r.model == t.model):
+            for title, kt, base, kb in PREREGISTERED:
+                other = v if base == "vanilla" else t
+                have = kt in t.outcomes and kb in other.outcomes
+                d, lo, hi = paired_bootstrap_diff(t.outcomes[kt].to_numpy(), other.outcomes[kb].to_numpy(),
+                                                  n_boot) if have else (np.nan,) * 3
+                rows.append({"comparison": title, "model": t.model, "run_a": t.name, "run_b": other.name,
+                             "delta": d, "delta_lo": lo, "delta_hi": hi})
+    return pd.DataFrame(rows)
+
+
+def training_summary(runs: list[EvalRun]) -> list[str]:
+    """One line per distinct train run: how many updates carried gradient, and the mixed groups (reward
+    variance: the only groups with a GRPO advantage) when the run logged them. With `mixed_groups` logged,
+    an update counts only if it had a mixed group and a non-zero gradient: a KL-only gradient (zero-variance
+    groups kept with `train.zero_std=keep`) is not a learning signal from the reward."""
+    lines = []
+    for name, df in _training_curves(runs).items():
+        if "grad_norm" not in df:
+            continue
+        mixed = "mixed_groups" in df and "groups" in df
+        carried = (df["grad_norm"] > 0) & ((df["mixed_groups"] > 0) if mixed else True)
+        line = (f"training of {name}: {int(carried.sum())} of {len(df)} updates carried gradient "
+                + ("(a mixed-reward group, grad norm > 0)" if mixed else "(grad norm > 0)"))
+        if mixed:
+            line += f"; mixed-reward groups {int(df['mixed_groups'].sum())} of {int(df['groups'].sum())}"
+        lines.append(line)
+    return lines
+
+
 def reflection_gaps(runs: list[EvalRun], n_boot: int) -> pd.DataFrame:
     """Per run, 2nd try − each control: does a reflection beat a second sample / a bare retry?"""
     pairs = {c: ("second_try", c) for c in CONTROLS}
@@ -285,7 +344,7 @@ def reflection_markdown(runs: list[EvalRun]) -> str:
     def fmt(key: str, v: Any) -> str:
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return "—"
-        return f"{100 * v:.1f}%" if key in ("truncated_share",) else f"{v:.2f}" if isinstance(v, float) else str(v)
+        return f"{100 * v:.1f}%" if key in ("truncated_share", "leak_share") else f"{v:.2f}" if isinstance(v, float) else str(v)
 
     rows = [[r.name] + [fmt(k, r.reflection.get(k)) for k in REFLECTION_STATS] for r in runs]
     return _md_table(["run", *REFLECTION_STATS.values()], rows)
@@ -373,8 +432,13 @@ def _training_curves(runs: list[EvalRun]) -> dict[str, pd.DataFrame]:
 
 # ---------------------------------------------------------------- report
 
+def prereg_markdown(pre: pd.DataFrame) -> str:
+    rows = [[row.model, row.comparison, _pp(row.delta, row.delta_lo, row.delta_hi)] for _, row in pre.iterrows()]
+    return _md_table(["model", "pre-registered comparison", "Δ pp [95% CI]"], rows)
+
+
 def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, gaps: pd.DataFrame,
-                  plots: list[str], n_boot: int, level: int = 1) -> str:
+                  plots: list[str], n_boot: int, level: int = 1, pre: pd.DataFrame | None = None) -> str:
     """The report of one test set; `level` 2 nests it as a section of a several-set report."""
     ref = runs[0]
     h = "#" * level
@@ -390,6 +454,9 @@ def render_report(runs: list[EvalRun], acc: pd.DataFrame, deltas: pd.DataFrame, 
         accuracy_markdown(acc),
         "",
     ]
+    if pre is not None and len(pre):
+        parts += [f"{h}# Pre-registered comparisons (pp, paired bootstrap over the same examples)", "",
+                  prereg_markdown(pre), ""]
     if len(deltas):
         keys = list(METRICS)
         parts += [f"{h}# Trained − vanilla (percentage points, paired bootstrap over the same examples)", "",
@@ -422,7 +489,7 @@ def _default_out() -> Path:
     return out
 
 
-def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Path:
+def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000, note: str = "") -> Path:
     """Compare evaluate runs and/or benchmark runs; write report.md, the CSVs and plots into `out`."""
     from rrr import bench_report
 
@@ -434,7 +501,9 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
     runs = load_evaluations(eval_dirs) if eval_dirs else {}
     bench_runs = bench_report.name_runs([bench_report.load_bench_run(p) for p in bench_dirs])
     out = Path(out) if out else _default_out()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    claim_run_dir(out)                              # created, locked (one writer), announced
     names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *bench_runs]))
     sections = []
     if runs:
@@ -447,9 +516,11 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000) -> Pa
         if len(deltas):
             print()
             print(bench_report.deltas_markdown(deltas))
-    atomic_write_text(out / "report.md", "\n".join(sections))
+    atomic_write_text(out / "report.md", "\n".join(([note, ""] if note else []) + sections))
     atomic_write_json(out / "manifest.json", {"command": "compare", "runs": names, "git_sha": git_sha(),
                                               "n_boot": n_boot})
+    if note:
+        print(f"\n{note}")
     print(f"\nreport: {out / 'report.md'}")
     return out
 
@@ -486,7 +557,7 @@ def _slug(name: str) -> str:
 def compare_evaluations(by_set: dict[str, list[EvalRun]], out: Path, n_boot: int) -> str:
     """The evaluate part: per test set, accuracy table, paired deltas and a plot; returns the markdown."""
     single = len(by_set) == 1
-    sections, tables, all_deltas = [], [], []
+    sections, tables, all_deltas, all_pre = [], [], [], []
     curves = _training_curves([r for runs in by_set.values() for r in runs])
     train_plots = []
     if plot_training(curves, "reward_mean", "retry success rate (reward mean)", out / "train_reward.png"):
@@ -498,34 +569,45 @@ def compare_evaluations(by_set: dict[str, list[EvalRun]], out: Path, n_boot: int
         acc = accuracy_table(runs, n_boot)
         deltas = trained_vs_vanilla(runs, n_boot)
         gaps = reflection_gaps(runs, n_boot)
+        pre = preregistered(runs, n_boot)
         plot = "accuracy.png" if single else f"accuracy_{_slug(name)}.png"
         what = ref.task if single else f"{name} ({ref.task})"
         plot_accuracy(acc, f"{what}, {ref.split} split, n={len(ref.outcomes)}: accuracy with 95% bootstrap CIs",
                       out / plot)
         sections.append(render_report(runs, acc, deltas, gaps, [plot] + (train_plots if single else []), n_boot,
-                                      level=1 if single else 2))
-        for df in (acc, deltas, gaps):
+                                      level=1 if single else 2, pre=pre))
+        for df in (acc, deltas, gaps, pre):
             df.insert(0, "test_set", name)
             if len(df):
                 df.insert(1, "relation", df["run_a" if "run_a" in df else "run"].map(
                     {r.name: r.relation for r in runs}).fillna(""))
         tables.append(acc)
         all_deltas += [deltas, gaps]
+        all_pre.append(pre)
         print(f"\n[{name}]" if not single else "")
         print(accuracy_markdown(acc))
         if len(deltas):
             print()
             print(_delta_markdown(deltas, "model", ["first_try", "second_try"], ["Δ 1st try (pp)", "Δ 2nd try (pp)"]))
+        if len(pre):
+            print()
+            print(prereg_markdown(pre))
     atomic_write_text(out / "table.csv", pd.concat(tables, ignore_index=True).to_csv(index=False))
     atomic_write_text(out / "deltas.csv", pd.concat(all_deltas, ignore_index=True).to_csv(index=False))
+    atomic_write_text(out / "preregistered.csv", pd.concat(all_pre, ignore_index=True).to_csv(index=False))
+    training = training_summary([r for runs in by_set.values() for r in runs])
+    if training:
+        print()
+        print("\n".join(training))
+    training_md = ["## Training", ""] + [f"- {line}" for line in training] + [""] if training else []
     if single:
-        return sections[0]
+        return "\n".join([sections[0]] + training_md)
     head = [f"# R3 comparison: {len(by_set)} test sets", "",
             "Each test set is scored and bootstrapped apart (its own examples, CIs and paired deltas). "
             "2nd-try accuracy in % per run and set; the last column says, for the trained model, whether "
             "the set was in its training data.", "", overview_markdown(by_set, n_boot), ""]
     tail = ["## Training curves", ""] + [f"![{p}]({p})" for p in train_plots] + [""] if train_plots else []
-    return "\n".join(head + sections + tail)
+    return "\n".join(head + training_md + sections + tail)
 
 
 def overview_markdown(by_set: dict[str, list[EvalRun]], n_boot: int) -> str:

@@ -34,9 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from rrr import distributed as dist
 from rrr.config import UserError
 from rrr.episode import Segment
-from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, done_ids,
-                      examples_sha256, model_info, new_run_dir, read_parts, sampling_params, throughput,
-                      update_manifest, write_part, write_run_files)
+from rrr.leak import reflection_leaks
+from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, claim_run_dir,
+                      done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_parts, sampling_params,
+                      throughput, update_manifest, write_part, write_run_files)
+from rrr.validate import check as check_settings
 from rrr.stats import bootstrap_ci, distinct_ngram_ratio
 from rrr.tasks import Example, get_task
 from rrr.testsets import TestSet
@@ -106,6 +108,7 @@ def first_try_row(example: Example, attempt: Any, controls: Sequence[str]) -> di
         "reflection_token_ids": [],
         "reflection_tokens": math.nan,
         "reflection_truncated": False,
+        "reflection_leak": False,
         "attempt2_text": "",
         "attempt2_reason": "",
         "attempt2_correct": False,
@@ -162,6 +165,7 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
                                    verdicts1=failed_verdicts, stats=stats)
     for i, (ep,) in zip(failed, episodes["model"]):
         rows[i].update(retry_columns(ep))
+        rows[i]["reflection_leak"] = reflection_leaks(task, examples[i], ep.texts.get("reflection"))
     for control in controls:
         if control == "best_of_2":
             # A separate seed stream ("best_of_2"), so enabling the control never changes attempt 1.
@@ -184,11 +188,12 @@ def accuracy(values: pd.Series, n_boot: int, seed: int) -> dict[str, Any]:
 
 
 def reflection_stats(df: pd.DataFrame) -> dict[str, float | None]:
-    """Over the examples that got a reflection (attempt 1 failed): length, truncation, repetition."""
+    """Over the examples that got a reflection (attempt 1 failed): length, truncation, repetition, and
+    the share that already holds a parsable answer (rrr.leak)."""
     has = df[df.reflection_tokens.notna()]
     if has.empty:
         return {k: None for k in ("tokens_mean", "tokens_p50", "tokens_p95", "truncated_share",
-                                  "distinct_3gram_ratio")}
+                                  "distinct_3gram_ratio", "leak_share")}
     tokens = has.reflection_tokens.to_numpy(float)
     return {
         "tokens_mean": float(tokens.mean()),
@@ -197,6 +202,7 @@ def reflection_stats(df: pd.DataFrame) -> dict[str, float | None]:
         "truncated_share": float(has.reflection_truncated.astype(float).mean()),
         "distinct_3gram_ratio": float(np.mean([distinct_ngram_ratio(list(ids), 3)
                                                for ids in has.reflection_token_ids])),
+        "leak_share": float(has.reflection_leak.astype(float).mean()) if "reflection_leak" in has else None,
     }
 
 
@@ -222,7 +228,8 @@ def format_table(summary: dict[str, Any], controls: Sequence[str]) -> str:
     if r["tokens_mean"] is not None:
         lines.append(f"reflections: {r['tokens_mean']:.1f} tokens mean (p50 {r['tokens_p50']:.0f}, "
                      f"p95 {r['tokens_p95']:.0f}), truncated {r['truncated_share']:.1%}, "
-                     f"distinct 3-grams {r['distinct_3gram_ratio']:.3f}")
+                     f"distinct 3-grams {r['distinct_3gram_ratio']:.3f}"
+                     + (f", answer leaked in {r['leak_share']:.1%}" if r.get("leak_share") is not None else ""))
     return "\n".join(lines)
 
 
@@ -263,14 +270,24 @@ def run(cfg: DictConfig) -> Path:
     controls = controls_of(cfg)
     if int(cfg.eval.batch_queries) < 1:
         raise UserError("eval.batch_queries must be >= 1")
+    check_settings(cfg, COMMAND)
     sets = resolve_test_sets(cfg)
     examples_of = {ts.name: load_examples(ts, cfg) for ts in sets}
     everything = [e for ts in sets for e in examples_of[ts.name]]
-    run_dir = dist.from_main(lambda: new_run_dir(cfg, COMMAND))
+    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # rank 0 names it for all
+    if run_dir.is_dir() and dist.is_main():
+        lock_run_dir(run_dir)                      # before reading its parts: one writer per run dir
     fp = fingerprint(cfg)
     if set_fingerprint(sets) is not None:
         fp["test_sets"] = set_fingerprint(sets)
     check_resumable(run_dir, COMMAND, fp)
+    todo_of = {}
+    for ts in sets:
+        done = dist.from_main(lambda: done_ids(parts_dir(run_dir, ts), key="example_id"))   # every rank: same list
+        todo_of[ts.name] = [e for e in examples_of[ts.name] if e.id not in done]
+    engine, tokenizer = build_generator(cfg) if any(todo_of.values()) else (None, None)
+    # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
+    claim_run_dir(run_dir)
     model_path = cfg.model.get("path")
     label = "trained" if model_path else "vanilla"
     single = len(sets) == 1
@@ -295,17 +312,12 @@ def run(cfg: DictConfig) -> Path:
     })
 
     stats = RolloutStats()
-    engine = tokenizer = None
     for ts in sets:                                   # each test set: today's per-source loop
-        examples, parts = examples_of[ts.name], parts_dir(run_dir, ts)
-        done = dist.from_main(lambda: done_ids(parts, key="example_id"))   # every rank: the same work list
-        todo = [e for e in examples if e.id not in done]
-        if done and dist.is_main():
+        examples, parts, todo = examples_of[ts.name], parts_dir(run_dir, ts), todo_of[ts.name]
+        if len(todo) < len(examples) and dist.is_main():
             print(f"resuming {run_dir} [{ts.name}]: {len(examples) - len(todo)} of {len(examples)} examples done")
         if not todo:
             continue
-        if engine is None:
-            engine, tokenizer = build_generator(cfg)
         task = get_task(ts.task)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example",
                    desc=f"evaluate {ts.name}" if not single else "evaluate", disable=not cfg.log.progress or not dist.is_main())

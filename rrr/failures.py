@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
 from rrr.config import UserError
-from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, data_sha256,
-                      done_ids, examples_sha256, model_info, new_run_dir, read_parts, sampling_params, throughput,
-                      update_manifest, write_part, write_run_files)
+from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, claim_run_dir,
+                      data_sha256, done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_manifest, read_parts,
+                      sampling_params, throughput, update_manifest, write_part, write_run_files)
+from rrr.validate import check as check_settings
 from rrr.tasks import Example, get_task
 from rrr.verifiers import VERIFIER_VERSION
 
@@ -130,14 +131,23 @@ def run(cfg: DictConfig) -> Path:
     from rrr.rollout import RolloutStats
 
     validate(cfg)
+    check_settings(cfg, COMMAND)
     t0 = time.time()
     task = get_task(cfg.task.name)
     examples = task.load(cfg.task, cfg.data.split, cfg.data.limit, int(cfg.seed))
     if not examples:
         raise UserError(f"no {cfg.task.name} examples in split {cfg.data.split!r}; check data.split / data.limit")
-    run_dir = dist.from_main(lambda: new_run_dir(cfg, COMMAND))
+    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # rank 0 names it for all
+    if run_dir.is_dir() and dist.is_main():
+        lock_run_dir(run_dir)                      # before reading its parts: one writer per run dir
     fp = fingerprint(cfg)
     check_resumable(run_dir, COMMAND, fp)
+    parts = run_dir / "parts"
+    done = dist.from_main(lambda: done_ids(parts))     # every rank: the same work list
+    todo = [e for e in examples if e.id not in done]
+    engine, tokenizer = build_generator(cfg) if todo else (None, None)
+    # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
+    claim_run_dir(run_dir)
     write_run_files(run_dir, cfg, COMMAND, extra={
         "resume_fingerprint": fp,
         "task": cfg.task.name,
@@ -154,14 +164,10 @@ def run(cfg: DictConfig) -> Path:
         "data_sha256": data_sha256(examples),
     })
 
-    parts = run_dir / "parts"
-    done = dist.from_main(lambda: done_ids(parts))     # every rank: the same work list
-    todo = [e for e in examples if e.id not in done]
     if done and dist.is_main():
         print(f"resuming {run_dir}: {len(examples) - len(todo)} of {len(examples)} queries already done")
     stats = RolloutStats()
     if todo:
-        engine, tokenizer = build_generator(cfg)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="query",
                    desc="collect-failures", disable=not cfg.log.progress or not dist.is_main())
         for chunk in chunks(todo, int(cfg.collect.batch_queries)):
@@ -200,21 +206,41 @@ def load_failures(run_dir: str | Path) -> tuple[list[Example], list[dict[str, An
     {"token_ids", "texts", "reasons", "truncated", "pass_rate", "n_samples", "n_correct",
     "prompt_token_ids"}, in the order of failures.parquet."""
     path = Path(run_dir) / "failures.parquet"
+    manifest = read_manifest(Path(run_dir))
+    if manifest is not None and manifest.get("command") not in (None, COMMAND):
+        raise UserError(f"{run_dir} is a {manifest.get('command')!r} run, not a {COMMAND} run; pass "
+                        f"train.failures=<the run dir of rrr {COMMAND}>")
     if not path.exists():
         hint = ("the collection did not finish: re-run rrr collect-failures with run_dir=" + str(run_dir)
                 if (Path(run_dir) / "parts").exists() else "run rrr collect-failures first and pass its run dir")
         raise UserError(f"no failures.parquet in {run_dir}; {hint}")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a damaged file
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run rrr collect-failures with "
+                        f"run_dir={run_dir} (it rebuilds failures.parquet from parts/)") from None
+    missing = sorted(set(FAILURE_COLUMNS) - set(df.columns))
+    if missing:
+        raise UserError(f"{path} is not a failure set (missing columns {missing[:4]}); pass the run dir of "
+                        f"rrr {COMMAND}")
     examples, attempts = [], []
-    for row in pd.read_parquet(path).to_dict("records"):
-        examples.append(Example.from_row(row))
-        attempts.append({
-            "token_ids": [_ints(t) for t in row["failed_token_ids"]],
-            "texts": [str(t) for t in row["failed_texts"]],
-            "reasons": [str(r) for r in row["failed_reasons"]],
-            "truncated": [bool(t) for t in row["failed_truncated"]],
-            "pass_rate": float(row["pass_rate"]),
-            "n_samples": int(row["n_samples"]),
-            "n_correct": int(row["n_correct"]),
-            "prompt_token_ids": _ints(row["prompt_token_ids"]),
-        })
+    try:
+        for row in df.to_dict("records"):
+            examples.append(Example.from_row(row))
+            attempts.append({
+                "token_ids": [_ints(t) for t in row["failed_token_ids"]],
+                "texts": [str(t) for t in row["failed_texts"]],
+                "reasons": [str(r) for r in row["failed_reasons"]],
+                "truncated": [bool(t) for t in row["failed_truncated"]],
+                "pass_rate": float(row["pass_rate"]),
+                "n_samples": int(row["n_samples"]),
+                "n_correct": int(row["n_correct"]),
+                "prompt_token_ids": _ints(row["prompt_token_ids"]),
+            })
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} has malformed rows ({type(e).__name__}: {e}); re-run rrr collect-failures") from None
     return examples, attempts
+
+
+FAILURE_COLUMNS = ("id", "task", "source", "fields", "failed_token_ids", "failed_texts", "failed_reasons",
+                   "failed_truncated", "pass_rate", "n_samples", "n_correct", "prompt_token_ids")

@@ -262,12 +262,21 @@ def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> t
     if path is not None and (path / "adapter_config.json").exists():
         from peft import PeftModel
 
+        check_adapter_base(cfg, path)
         base_cfg = OmegaConf.merge(cfg, {"path": None})
         base, _ = load_model(base_cfg, for_training=for_training)
-        model = PeftModel.from_pretrained(base, str(path), is_trainable=for_training)
+        try:
+            model = PeftModel.from_pretrained(base, str(path), is_trainable=for_training)
+        except Exception as e:  # noqa: BLE001 — size mismatch (RuntimeError), damaged file (SafetensorError, OSError)
+            raise UserError(f"cannot load the adapter in model.path={str(path)!r} onto model={cfg.name} "
+                            f"({_first_line(e)}); is it damaged, or trained on another base model?") from None
     elif path is not None:
         _require_dir(cfg, path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except Exception as e:  # noqa: BLE001 — a truncated or corrupt weights file raises many types
+            raise UserError(f"cannot load the model in model.path={str(path)!r} ({_first_line(e)}); "
+                            "its weights file is damaged or incomplete: restore or re-save it") from None
     elif cfg.source == "embedded":
         model = AutoModelForCausalLM.from_pretrained(embedded_dir(cfg.name), **kwargs)
     elif cfg.source == "random":
@@ -276,6 +285,8 @@ def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> t
         model = _from_hub(AutoModelForCausalLM, cfg, **kwargs)
     else:
         raise UserError(f"model.source={cfg.source!r} is not one of hub, embedded, random")
+    if path is None:
+        model.rrr_base_model = base_model_record(cfg)    # saved with every adapter (rrr.checkpoint)
     model.to(device)
     model.train(for_training)
     if not for_training:
@@ -328,6 +339,36 @@ def weights_source(model_cfg: DictConfig | dict) -> tuple[str, str | None]:
     if cfg.source == "hub":
         return str(cfg.hub_id), str(cfg.revision)
     raise UserError(f"model {cfg.name!r} (source {cfg.source}) has no weights on disk; use engine=hf")
+
+
+# ----------------------------------------------------------------------------- adapters and their base
+
+BASE_MODEL_FILE = "rrr_base_model.json"   # in every adapter rrr saves: the model config it was trained on
+
+
+def base_model_record(cfg: DictConfig) -> dict[str, Any]:
+    return {"name": str(cfg.name), "source": str(cfg.source), "hub_id": cfg.get("hub_id"),
+            "revision": cfg.get("revision")}
+
+
+def check_adapter_base(cfg: DictConfig, path: Path) -> None:
+    """An adapter only fits the base model it was trained on: refuse it on another (by its record)."""
+    record = path / BASE_MODEL_FILE
+    if not record.exists():
+        return                               # a foreign adapter: loading it will tell
+    try:
+        base = json.loads(record.read_text())
+    except (ValueError, OSError):
+        raise UserError(f"{record} is corrupt; restore the checkpoint or re-save the adapter") from None
+    mine = base_model_record(cfg)
+    if base.get("name") != mine["name"] or (base.get("hub_id") or None) != (mine["hub_id"] or None):
+        raise UserError(f"model.path={str(path)!r} is a LoRA adapter for model={base.get('name')}, not "
+                        f"model={mine['name']}; pass model={base.get('name')} model.path={path}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- helpers

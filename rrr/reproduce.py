@@ -220,7 +220,7 @@ def task_plan(matrix: TaskMatrix, root: Path, hw: Hardware = Hardware()) -> list
                    failures / "failures.parquet", hw),
             _stage("train", matrix, model, "train",
                    [f"train.steps={PAPER_STEPS}", f"train.batch_queries={BATCH_QUERIES}",
-                    f"train.group_size={GROUP_SIZE}", f"train.beta={BETA}"],
+                    f"train.group_size={GROUP_SIZE}", f"train.beta={BETA}", "train.leak=keep"],
                    [f"train.failures={failures}", f"run_dir={train}"], train / "checkpoints" / "final", hw),
             _evaluate(matrix, model, run, "vanilla", [], hw),
             _evaluate(matrix, model, run, "trained", [f"model.path={train / 'checkpoints' / 'final'}"], hw),

@@ -33,13 +33,15 @@ from omegaconf import DictConfig, OmegaConf
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
 from rrr import fsdp, grpo, rollout, sync
+from rrr.leak import LEAK_MODES, apply_leak_policy, leak_flags, leak_share
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, Segment, collate
 from rrr.rollout import sampling_from_cfg
 from rrr.logprobs import masked_logprobs, segment_temperatures
-from rrr.runs import (MetricsWriter, atomic_write_parquet, check_resumable, new_run_dir, update_manifest,
-                      write_run_files)
+from rrr.runs import (MetricsWriter, atomic_write_parquet, check_resumable, claim_run_dir, lock_run_dir,
+                      plan_run_dir, update_manifest, write_run_files)
+from rrr.validate import check as check_settings, check_logger
 from rrr.tasks import Example, get_task
 from rrr.verifiers import Verdict
 
@@ -50,27 +52,34 @@ SEGMENTS = ("attempt1", "reflection", "attempt2")
 def run(cfg: DictConfig) -> Path:
     t = cfg.train
     validate(cfg)
-    examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate)
+    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # not created yet; rank 0 names it for all
+    if run_dir.is_dir() and dist.is_main():
+        lock_run_dir(run_dir)                        # one writer per run dir: rank 0, the only one that writes
+    check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
+    examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate, cfg.task.name)
+    if int(t.batch_queries) > len(examples):
+        raise UserError(f"train.batch_queries={t.batch_queries} > the {len(examples)} failed queries in "
+                        f"{t.failures}: a step would draw a query twice; lower train.batch_queries or collect more")
     seed_everything(int(cfg.seed))                   # a resume restores the checkpoint's RNG state instead
 
     # ----------------------------------------------------------------- setup (plumbing)
-    model, tokenizer = build_policy(cfg)             # before the run dir: a hub error leaves no empty run
+    model, tokenizer = build_policy(cfg)
     reference = build_reference(cfg, model)          # before any checkpoint: π_ref = the initial model
     optimizer, scheduler = build_optimizer(cfg, model)
     engine = build_engine(cfg, model, tokenizer)
     task = get_task(cfg.task.name)
+    if t.attempt1 == "stored":
+        check_stored_prompts(tokenizer, task, examples, stored, cfg.prompts, t.failures)
     sampling = sampling_from_cfg(t.sampling)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
-    run_dir = dist.from_main(lambda: new_run_dir(cfg, COMMAND))              # rank 0 names it for all
-    resuming = dist.from_main(lambda: ckpt.latest_checkpoint(run_dir))      # every rank: the same checkpoint
-    check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
+    state = ckpt.load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    claim_run_dir(run_dir)                           # inputs valid, model loaded: now the run dir is written
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
-    if resuming is not None:
-        state = ckpt.load_checkpoint(resuming, model=model, optimizer=optimizer, scheduler=scheduler)
+    if state is not None:
         start, wandb_id, cursor = state.step, state.wandb_run_id, FailureCursor.from_state(state.cursor)
         engine.load_weights(model)                    # the sampler must see the restored weights
-        main_print(f"resuming {run_dir} from {resuming.name} (step {start}){ranks_note(run_dir)}")
+        main_print(f"resuming {run_dir} from {state.path.name} (step {start}){ranks_note(run_dir)}")
     else:
         write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
     if dist.is_main():
@@ -85,17 +94,19 @@ def run(cfg: DictConfig) -> Path:
         # ----------------------------------------------------------------- ALGO: reflect, retry, reward
         batch = dist.shard(cursor.draw(int(t.batch_queries)))   # this rank's share, in single-process order
         queries = [examples[i] for i in batch]
-        attempts1, attempt1_pass = first_attempts(cfg, engine, tokenizer, task, queries,
-                                                  [stored[i] for i in batch], sampling, step)
+        verifier = rollout.RolloutStats()                                       # counts verifier crashes
+        attempts1, attempt1_stats = first_attempts(cfg, engine, tokenizer, task, queries,
+                                                   [stored[i] for i in batch], sampling, step, verifier)
         failed = [i for i, a in enumerate(attempts1) if a is not None]     # online: a pass ends the episode
         queries, attempts1 = [queries[i] for i in failed], [attempts1[i] for i in failed]
-        groups = reflect_retry(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, int(cfg.seed))
-        rewards = group_rewards(groups, int(t.group_size))                      # [Q, G], NaN = unscorable
+        groups = reflect_retry(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, int(cfg.seed),
+                               verifier)
+        rewards = group_scores(cfg, task, queries, groups)                      # [Q, G], NaN = unscorable
         zero_std = grpo.zero_std_groups(rewards)                                # [Q]
         frac_zero_std = zero_std.float().mean().item() if len(zero_std) else 0.0
         if t.zero_std == "resample":
             groups, rewards = resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling,
-                                                step, groups, rewards)
+                                                step, groups, rewards, verifier)
         advantages = grpo.group_advantages(rewards, t.scale_rewards)           # [Q, G]
         keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample") else \
             torch.ones(len(groups), dtype=torch.bool)
@@ -103,10 +114,9 @@ def run(cfg: DictConfig) -> Path:
 
         # ----------------------------------------------------------------- ALGO: policy update
         lr = optimizer.param_groups[0]["lr"]
-        trained = [ep for q, g in enumerate(groups) if keep[q] for ep in g]
+        trained, trained_advantages = training_batch(groups, rewards, advantages, keep)
         sync.release_for_update(engine)                  # vLLM sleep mode: room for the update
-        update = policy_update(cfg, model, reference, optimizer, tokenizer, trained,
-                               advantages[keep].flatten())
+        update = policy_update(cfg, model, reference, optimizer, tokenizer, trained, trained_advantages)
         scheduler.step()
         sync_s = sync.push_weights(engine, model)        # the sampler gets the new weights
 
@@ -114,7 +124,10 @@ def run(cfg: DictConfig) -> Path:
         queries, groups, rewards, advantages = gather_groups(queries, groups, rewards, advantages)  # all ranks'
         row = {"step": step, **update, **rollout_stats(groups, rewards),
                "frac_zero_std": dist.mean(frac_zero_std, len(zero_std)),
-               "attempt1_pass_rate": dist.mean(attempt1_pass, len(batch)), "lr": lr,
+               "reflection_leak": leak_share(leak_flags(task, queries, groups)),
+               "attempt1_pass_rate": dist.mean(attempt1_stats["attempt1_pass_rate"], len(batch)),
+               "unscorable_attempt1": int(dist.all_reduce_sum(float(attempt1_stats["unscorable_attempt1"]))),
+               "verifier_errors": int(dist.all_reduce_sum(float(verifier.unscorable))), "lr": lr,
                "gen_tokens_per_s": generated_tokens(groups) / max(dist.all_reduce_max(gen_s), 1e-9),
                "sync/logprob_diff": update["sampler_logp_diff"], "sync/load_s": dist.all_reduce_max(sync_s),
                "step_time_s": time.time() - t0, "peak_rss_gb": dist.all_reduce_max(peak_rss_gb())}
@@ -132,7 +145,8 @@ def run(cfg: DictConfig) -> Path:
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, int(t.steps), cursor, logger)
     if dist.is_main():
         update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    main_print(f"final checkpoint: {final}  (evaluate with model.path={final})")
+    main_print(f"final checkpoint: {final}\nevaluate it: rrr evaluate task={cfg.task.name} model={cfg.model.name} "
+               f"model.path={final}")
     logger.finish()
     dist.barrier()
     return run_dir
@@ -147,18 +161,21 @@ class FailedAttempt:
 
 
 def first_attempts(cfg: DictConfig, engine, tokenizer, task, queries: Sequence[Example],
-                   stored: Sequence[dict], sampling: dict[str, SamplingParams],
-                   step: int) -> tuple[list[FailedAttempt | None], float | None]:
+                   stored: Sequence[dict], sampling: dict[str, SamplingParams], step: int,
+                   stats: rollout.RolloutStats | None = None) -> tuple[list[FailedAttempt | None], dict[str, Any]]:
     """Attempt 1 per query: a stored failed attempt (deterministic pick), or sampled online.
-    Online, a passing (or unscorable) attempt 1 ends its episode (None); the second value is the pass rate."""
+    Online, a passing (or unscorable) attempt 1 ends its episode (None). The second value holds the
+    online attempt-1 pass rate over the *scorable* attempts and the count of unscorable ones."""
     seed = int(cfg.seed)
     if cfg.train.attempt1 == "stored":
-        return [stored_attempt(s, q, seed, step) for q, s in zip(queries, stored)], None
+        return [stored_attempt(s, q, seed, step) for q, s in zip(queries, stored)], \
+            {"attempt1_pass_rate": None, "unscorable_attempt1": 0}
     online = [a[0] for a in rollout.sample_attempts(engine, tokenizer, task, list(queries), cfg.prompts,
-                                                    sampling["attempt1"], n=1, seed=seed, step=step)]
-    passed = [bool(a.verdict.correct) for a in online]
-    return [None if a.verdict.correct or a.verdict == rollout.UNSCORABLE else FailedAttempt(a.sample, a.verdict)
-            for a in online], float(np.mean(passed))
+                                                    sampling["attempt1"], n=1, seed=seed, step=step, stats=stats)]
+    scored = [bool(a.verdict.correct) for a in online if a.verdict is not rollout.UNSCORABLE]
+    return [None if a.verdict.correct or a.verdict is rollout.UNSCORABLE else FailedAttempt(a.sample, a.verdict)
+            for a in online], {"attempt1_pass_rate": float(np.mean(scored)) if scored else None,
+                               "unscorable_attempt1": len(online) - len(scored)}
 
 
 def stored_attempt(stored: dict, example: Example, seed: int, step: int) -> FailedAttempt:
@@ -170,13 +187,20 @@ def stored_attempt(stored: dict, example: Example, seed: int, step: int) -> Fail
 
 
 def reflect_retry(cfg: DictConfig, engine, tokenizer, task, queries: Sequence[Example],
-                  attempts1: Sequence[FailedAttempt], sampling, step: int, seed: int) -> list[list[Episode]]:
+                  attempts1: Sequence[FailedAttempt], sampling, step: int, seed: int,
+                  stats: rollout.RolloutStats | None = None) -> list[list[Episode]]:
     """REFLECT G times per failed attempt 1, RETRY once per reflection, verify: [Q][G] episodes."""
     if not queries:
         return []
     return rollout.reflect_retry(engine, tokenizer, task, list(queries), [a.sample for a in attempts1],
                                  cfg.prompts, sampling, group_size=int(cfg.train.group_size), seed=seed,
-                                 step=step, verdicts1=[a.verdict for a in attempts1])
+                                 step=step, verdicts1=[a.verdict for a in attempts1], stats=stats)
+
+
+def group_scores(cfg: DictConfig, task, queries: Sequence[Example], groups) -> torch.Tensor:
+    """[Q, G] rewards of the retries, with `train.leak` applied to reflections that hold an answer."""
+    rewards = group_rewards(groups, int(cfg.train.group_size))                 # [Q, G], NaN = unscorable
+    return apply_leak_policy(rewards, leak_flags(task, queries, groups), cfg.train.leak)
 
 
 def group_rewards(groups: Sequence[Sequence[Any]], group_size: int) -> torch.Tensor:
@@ -191,22 +215,35 @@ def episode_reward(episode: Episode) -> float:
     return float("nan") if episode.reward is None else float(episode.reward)
 
 
-def resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, groups, rewards):
+def resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, groups, rewards,
+                      stats: rollout.RolloutStats | None = None):
     """DAPO-style dynamic sampling: re-draw the reflections of zero-variance groups (fresh seeds per try)
     up to `train.resample_tries` times; a group keeps its first draw that has reward variance."""
-    groups = list(groups)
+    groups, rewards = list(groups), rewards.clone()
     for attempt in range(1, int(cfg.train.resample_tries) + 1):
         redo = grpo.zero_std_groups(rewards).nonzero().flatten().tolist()
         if not redo:
             break
-        fresh = reflect_retry(cfg, engine, tokenizer, task, [queries[q] for q in redo],
-                              [attempts1[q] for q in redo], sampling, step,
-                              seed=derive_seed(int(cfg.seed), "resample", attempt))
-        fresh_rewards = group_rewards(fresh, int(cfg.train.group_size))
+        redo_queries = [queries[q] for q in redo]
+        fresh = reflect_retry(cfg, engine, tokenizer, task, redo_queries, [attempts1[q] for q in redo],
+                              sampling, step, seed=derive_seed(int(cfg.seed), "resample", attempt), stats=stats)
+        fresh_rewards = group_scores(cfg, task, redo_queries, fresh)
         for j, q in enumerate(redo):
             if not grpo.zero_std_groups(fresh_rewards[j:j + 1])[0]:
                 groups[q], rewards[q] = fresh[j], fresh_rewards[j]
     return groups, rewards
+
+
+def training_batch(groups: Sequence[Sequence[Any]], rewards: torch.Tensor, advantages: torch.Tensor,
+                   keep: torch.Tensor) -> tuple[list[Any], torch.Tensor]:
+    """The episodes the update trains on, each with its own advantage [N]: the members of kept groups
+    [Q] whose retry was scored. An unscorable retry has no reward, so its reflection stays out of the
+    loss mask, the normaliser and the KL term (not just advantage 0)."""
+    pairs = [(ep, advantages[q, g]) for q, group in enumerate(groups) if keep[q]
+             for g, ep in enumerate(group) if not torch.isnan(rewards[q, g])]
+    if not pairs:
+        return [], advantages.new_zeros(0)
+    return [ep for ep, _ in pairs], torch.stack([a for _, a in pairs])
 
 
 def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor] | None, optimizer,
@@ -231,7 +268,8 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    for mb in fsdp.pad_micro_batches(model, torch.arange(len(episodes)).split(int(t.micro_batch_size))):
+    micro = torch.arange(len(episodes)).split(int(t.micro_batch_size)) if episodes else ()
+    for mb in fsdp.pad_micro_batches(model, micro):
         if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
             fsdp.idle_step(model, reference, tokenizer.pad_token_id, int(t.logprob_chunk_size))
             continue
@@ -276,36 +314,51 @@ EMPTY_BATCH = {"input_ids": torch.zeros((0, 1), dtype=torch.long), "segment_ids"
 
 @dataclass
 class FailureCursor:
-    """Walks the failure set in a fresh seeded permutation per epoch; (epoch, index) is the whole state,
-    so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+    """Walks the failure set in a fresh seeded permutation per epoch; (epoch, index, held_back) is the
+    whole state, so a resumed run draws exactly the batches the uninterrupted run would have drawn.
+
+    A batch that crosses an epoch boundary must not repeat a query (two identical groups = double
+    weight): the queries it already took from the old epoch are moved to the back of the new epoch's
+    order (`held_back`), so the batch completes with other queries and every query still comes once
+    per epoch. Needs k <= n (the trainer refuses batch_queries > failure queries)."""
     n: int
     seed: int
     epoch: int = 0
     index: int = 0
+    held_back: tuple[int, ...] = ()
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(self.n)
+        perm = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(self.n)
+        if epoch != self.epoch or not self.held_back:
+            return perm
+        back = set(self.held_back)
+        return np.array([i for i in perm if i not in back] + [i for i in perm if i in back], dtype=perm.dtype)
 
     def draw(self, k: int) -> list[int]:
+        if k > self.n:
+            raise ValueError(f"cannot draw {k} distinct queries from {self.n}")
         out: list[int] = []
         while len(out) < k:
             if self.index == self.n:
-                self.epoch, self.index = self.epoch + 1, 0
+                self.epoch, self.index, self.held_back = self.epoch + 1, 0, tuple(out)
             take = min(k - len(out), self.n - self.index)
             out += self.order(self.epoch)[self.index:self.index + take].tolist()
             self.index += take
         return out
 
-    def state(self) -> dict[str, int]:
-        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "index": self.index}
+    def state(self) -> dict[str, Any]:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "index": self.index,
+                "held_back": list(self.held_back)}
 
     @classmethod
-    def from_state(cls, state: dict[str, int]) -> "FailureCursor":
-        return cls(**{k: int(v) for k, v in state.items()})
+    def from_state(cls, state: dict[str, Any]) -> "FailureCursor":
+        held = tuple(int(i) for i in state.get("held_back", ()))
+        return cls(**{k: int(state[k]) for k in ("n", "seed", "epoch", "index")}, held_back=held)
 
 
-def load_failure_set(run: str | None, min_pass: float, max_pass: float) -> tuple[list[Example], list[dict]]:
-    """The failed queries of a collect-failures run with min_pass ≤ pass rate ≤ max_pass."""
+def load_failure_set(run: str | None, min_pass: float, max_pass: float,
+                     task: str | None = None) -> tuple[list[Example], list[dict]]:
+    """The failed queries of a collect-failures run (of `task`) with min_pass ≤ pass rate ≤ max_pass."""
     from rrr.failures import load_failures
 
     if not run:
@@ -314,6 +367,10 @@ def load_failure_set(run: str | None, min_pass: float, max_pass: float) -> tuple
     if not Path(run).is_dir():
         raise UserError(f"train.failures={run!r} is not a directory; pass the run dir of rrr collect-failures")
     examples, stored = load_failures(run)
+    other = sorted({e.task for e in examples} - {task}) if task else []
+    if other:
+        raise UserError(f"train.failures={run} holds {', '.join(other)} queries, but task={task}; pass "
+                        f"task={other[0]} or a failure set collected with task={task}")
     keep = [i for i, s in enumerate(stored)
             if min_pass <= s["pass_rate"] <= max_pass and s["token_ids"]]
     if not keep:
@@ -322,10 +379,28 @@ def load_failure_set(run: str | None, min_pass: float, max_pass: float) -> tuple
     return [examples[i] for i in keep], [stored[i] for i in keep]
 
 
+def check_stored_prompts(tokenizer, task, examples: Sequence[Example], stored: Sequence[dict],
+                         prompts_cfg, run: str) -> None:
+    """A stored attempt 1 continues the prompt it was sampled after; the trainer rebuilds that prompt
+    from the example, the prompts and the tokenizer. If they differ (other prompts, model or template),
+    the episode would splice the attempt onto a prompt it never saw: refuse."""
+    for example, s in zip(examples, stored):
+        rebuilt = rollout.prompt_ids(tokenizer, task, example, prompts_cfg)
+        if list(s["prompt_token_ids"]) != rebuilt:
+            at = next((i for i, (a, b) in enumerate(zip(s["prompt_token_ids"], rebuilt)) if a != b),
+                      min(len(rebuilt), len(s["prompt_token_ids"])))
+            raise UserError(f"train.failures={run}: the stored attempt-1 prompt of query {example.id} differs "
+                            f"from the prompt rebuilt now (first difference at token {at}); the failure set "
+                            "was collected with other prompts, model or chat template: use the same prompts.* "
+                            "and model= as rrr collect-failures, or collect again")
+
+
 # ============================================================================ setup
 
 def validate(cfg: DictConfig) -> None:
     t = cfg.train
+    check_settings(cfg, COMMAND)
+    check_logger(cfg)
     choices = {"finetune": ("lora", "full"), "attempt1": ("stored", "online"), "zero_std": ("keep", "skip", "resample"),
                "lr_schedule": ("cosine", "constant"), "kl_estimator": ("k1", "k3"),
                "scale_rewards": ("group", "none"), "loss_agg": grpo.LOSS_AGGREGATIONS,
@@ -341,6 +416,8 @@ def validate(cfg: DictConfig) -> None:
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
     fsdp.check(cfg)
+    if t.leak not in LEAK_MODES:
+        raise UserError(f"train.leak={t.leak!r}; valid choices: {', '.join(LEAK_MODES)}")
     if t.is_correction == "token_tis" and not float(t.is_cap) >= 1:
         raise UserError(f"train.is_cap={t.is_cap}: the truncation cap C must be >= 1 (verl, TRL: 2)")
     trained = t.sampling.reflection           # the loss is on reflection tokens: their log-probs must be exact
@@ -383,7 +460,7 @@ def malloc_mmap_threshold(nbytes: int) -> bool:
     """Serve CPU allocations of at least `nbytes` with their own mmap (glibc's M_MMAP_THRESHOLD), so freed
     tensors go back to the OS at once. glibc's default threshold grows with the sizes freed (up to 32 MB),
     and the per-layer activations and LM-head chunks of a CPU train step then pile up in the heap as freed
-    but resident memory: 8.2 GB peak RSS instead of 3 GB for a 0.5B LoRA step (scripts/bench_train_step.py).
+    but resident memory: 8.2 GB peak RSS instead of 3 GB for a 0.5B LoRA step (bench/train_memory.py).
     Setting it also fixes the trim threshold. 0 leaves glibc alone; a no-op off glibc. True when set."""
     if nbytes <= 0:
         return False
@@ -400,12 +477,14 @@ def malloc_mmap_threshold(nbytes: int) -> bool:
 
 
 def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | None:
-    """π_ref log-probs on the loss positions: the policy with its LoRA adapters disabled, or a frozen copy
-    of the initial model for full fine-tuning. None when β = 0: no reference is loaded or computed."""
+    """π_ref log-probs on the loss positions: the policy the run starts from, frozen. For LoRA on a bare
+    base model that is the policy with its adapters disabled (no copy); when the run starts from a
+    trained adapter (`model.path` = a LoRA checkpoint) or fine-tunes fully, a frozen copy of the initial
+    model (the adapter merged in). None when β = 0: no reference is loaded or computed."""
     if float(cfg.train.beta) == 0:
         return None
     chunk = int(cfg.train.logprob_chunk_size)
-    if cfg.train.finetune == "lora":
+    if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):
         def lora_reference(ids, attention_mask, mask, temperature):
             with torch.no_grad(), model.disable_adapter():
                 return masked_logprobs(model, ids, attention_mask, mask, chunk, temperature)[0]
@@ -413,12 +492,19 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
     if fsdp.is_sharded(model):                       # a sharded policy cannot be copied: load and shard again
         frozen = fsdp.shard(fsdp.fresh_copy(cfg).requires_grad_(False)).eval()
     else:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen = copy.deepcopy(model)
+        if hasattr(frozen, "merge_and_unload"):      # a run started from an adapter: merge it into the copy
+            frozen = frozen.merge_and_unload()
+        frozen = frozen.eval().requires_grad_(False)
 
     def frozen_reference(ids, attention_mask, mask, temperature):
         with torch.no_grad():
             return masked_logprobs(frozen, ids, attention_mask, mask, chunk, temperature)[0]
     return frozen_reference
+
+
+def starts_from_adapter(cfg: DictConfig) -> bool:
+    return bool(cfg.model.get("path")) and (Path(cfg.model.path) / "adapter_config.json").exists()
 
 
 def build_optimizer(cfg: DictConfig, model):
@@ -480,6 +566,7 @@ def rollout_stats(groups: Sequence[Sequence[Any]], rewards: torch.Tensor) -> dic
     lengths = [segment_len(ep, Segment.REFLECTION) for ep in episodes]
     stats = {"reward_mean": _nanmean(rewards), "unscorable": int(rewards.isnan().sum()),
              "episodes": len(episodes), "groups": len(groups),
+             "mixed_groups": int((~grpo.zero_std_groups(rewards)).sum()),   # after resampling: carry advantage
              "reflection_len_mean": float(np.mean(lengths)) if lengths else 0.0,
              "reflection_len_p95": float(np.percentile(lengths, 95)) if lengths else 0.0}
     for seg in SEGMENTS:
@@ -624,9 +711,13 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None) -> Logger:
         return Logger()
     import wandb
 
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
-                     dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name,
-                     config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+                         dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name,
+                         config=OmegaConf.to_container(cfg, resolve=True))
+    except Exception as e:  # noqa: BLE001 — wandb raises its own error types for auth and network
+        raise UserError(f"wandb could not start ({type(e).__name__}: {str(e).strip()[:160]}); "
+                        "check `wandb login`, or use logger.mode=offline") from None
     return Logger(run)
 
 

@@ -19,5 +19,9 @@ $RRR evaluate "${ARGS[@]}" run_dir="$OUT/eval-vanilla"
 stage "evaluate the trained model on the same examples and seeds"
 $RRR evaluate "${ARGS[@]}" model.path="$OUT/train/checkpoints/final" run_dir="$OUT/eval-trained"
 stage "compare"
-$RRR compare "$OUT/eval-vanilla" "$OUT/eval-trained" --out "$OUT/report"
+NOTE=""
+if [ "$EXP" = demo ]; then
+  NOTE="make demo is a pipeline demonstration: a few LoRA updates and a dozen test examples are far too small to measure an effect; the CIs say so. The science run is make cpu-experiment (docs/results.md)."
+fi
+$RRR compare "$OUT/eval-vanilla" "$OUT/eval-trained" --out "$OUT/report" --note "$NOTE"
 printf '\nDone in %ds. Report: %s/report/report.md\n' $(( $(date +%s) - start )) "$OUT"

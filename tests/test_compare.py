@@ -168,3 +168,52 @@ def test_missing_control_shows_as_dash_and_duplicate_labels_get_unique_names(tmp
     assert list(table.run) == ["m trained (t1)", "m trained (t2)"]
     assert table.generic_reflection.isna().all() and table.best_of_2.notna().all()
     assert "| — |" in (out / "report.md").read_text()
+
+
+def test_preregistered_deltas_pair_the_right_runs_and_metrics(tmp_path, capsys):
+    """trained 2nd − vanilla best-of-2, trained 2nd − trained retry-no-reflection, trained 1st − vanilla 1st:
+    each equals the mean per-example difference of exactly those columns."""
+    v1, t1 = outcomes(20, 0.3), outcomes(21, 0.4)
+    v_best, t_retry = outcomes(22, 0.5), outcomes(23, 0.45)
+    t_second = outcomes(24, 0.6)
+    train = make_train_run(tmp_path, steps=4)
+    v = make_eval_run(tmp_path, "v", "m", "vanilla", v1, v1, controls={c: v_best for c in compare.CONTROLS})
+    t = make_eval_run(tmp_path, "t", "m", "trained", t1, t_second, train_run=train, shuffle=True,
+                      controls={**{c: t1 for c in compare.CONTROLS}, "retry_no_reflection": t_retry})
+    out = compare.run([v, t], tmp_path / "cmp", note="Too small to measure an effect.")
+    pre = pd.read_csv(out / "preregistered.csv").set_index("comparison")
+    assert list(pre.index) == [p[0] for p in compare.PREREGISTERED]
+    expect = [(t_second | t1).mean() - (v_best | v1).mean(), (t_second | t1).mean() - (t_retry | t1).mean(),
+              t1.mean() - v1.mean()]
+    for (title, *_), value in zip(compare.PREREGISTERED, expect):
+        row = pre.loc[title]
+        assert row.delta == pytest.approx(value)
+        assert row.delta_lo <= row.delta <= row.delta_hi
+    report = (out / "report.md").read_text()
+    assert "Pre-registered comparisons" in report and "Too small to measure an effect." in report
+    printed = capsys.readouterr().out
+    assert "trained 2nd try − vanilla best-of-2" in printed and "Too small to measure an effect." in printed
+
+
+def test_training_summary_counts_updates_with_gradient(tmp_path, capsys):
+    run = tmp_path / "train"
+    run.mkdir()
+    rows = [{"step": 1, "grad_norm": 0.0, "mixed_groups": 0, "groups": 2, "reward_mean": 0.0},
+            {"step": 2, "grad_norm": 0.31, "mixed_groups": 1, "groups": 2, "reward_mean": 0.5},
+            {"step": 3, "grad_norm": 0.12, "mixed_groups": 2, "groups": 2, "reward_mean": 0.5},
+            {"step": 4, "grad_norm": 0.002, "mixed_groups": 0, "groups": 2, "reward_mean": 0.0}]   # KL only
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = outcomes(25, 0.5)
+    v = make_eval_run(tmp_path, "v", "m", "vanilla", first, first)
+    t = make_eval_run(tmp_path, "t", "m", "trained", first, first, train_run=run)
+    out = compare.run([v, t], tmp_path / "cmp")
+    line = "2 of 4 updates carried gradient (a mixed-reward group, grad norm > 0); mixed-reward groups 3 of 8"
+    assert line in capsys.readouterr().out and line in (out / "report.md").read_text()
+
+
+def test_cli_passes_the_note(tmp_path):
+    first = outcomes(26, 0.5)
+    a = make_eval_run(tmp_path, "a", "m", "vanilla", first, first)
+    result = CliRunner().invoke(app, ["compare", str(a), "--out", str(tmp_path / "cmp"), "--note", "hello note"])
+    assert result.exit_code == 0, result.output
+    assert "hello note" in (tmp_path / "cmp" / "report.md").read_text()

@@ -98,7 +98,7 @@ def test_resume_replays_the_straight_run_bit_for_bit(tmp_path, failures, monkeyp
     with open(resumed / "metrics.jsonl", "a") as f:            # a row from the lost step: must be dropped
         f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
     monkeypatch.setattr(trainer, "peak_rss_gb", real)
-    with pytest.raises(UserError, match=r"different settings \(train\)"):
+    with pytest.raises(UserError, match=r"different settings \(train\.lr\)"):
         trainer.run(config(failures, resumed, "train.lr=0.02"))     # other settings: refused, nothing written
     assert latest_checkpoint(resumed).name == "step_00002"
     trainer.run(cfg)
@@ -214,6 +214,15 @@ def test_zero_std_skip_drops_groups_from_the_loss(tmp_path, failures, monkeypatc
     run = trainer.run(config(failures, tmp_path / "run", "train.steps=1", "train.zero_std=skip"))
     (row,) = rows(run)
     assert row["frac_zero_std"] == 1 and row["reward_mean"] == 1 and row["reflection_tokens"] == 0
+    assert row["mixed_groups"] == 0 and row["groups"] >= 1 and row["grad_norm"] == 0
+
+
+def test_rollout_stats_counts_mixed_groups_after_resampling():
+    """mixed_groups = groups whose scorable rewards vary: the only ones a GRPO update learns from."""
+    nan = float("nan")
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [nan, 1.0, 0.0], [nan, nan, 1.0]])
+    stats = trainer.rollout_stats([[] for _ in range(5)], rewards)
+    assert stats["mixed_groups"] == 2 and stats["groups"] == 5
 
 
 @pytest.mark.slow

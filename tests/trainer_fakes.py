@@ -19,7 +19,12 @@ EXAMPLES = [Example(id=f"cd{i}", task="countdown", source="generated",
 
 
 def write_failures(run_dir: Path, tokenizer, pass_rates=(0.0, 0.25, 0.5)) -> Path:
-    """failures.parquet in the format rrr.failures writes: 3 Countdown queries, 2 failed attempts each."""
+    """failures.parquet in the format rrr.failures writes: 3 Countdown queries, 2 failed attempts each,
+    with the attempt-1 prompt ids the trainer rebuilds (default Countdown prompts)."""
+    from rrr.config import compose
+    from rrr.rollout import prompt_ids
+
+    prompts = compose(["task=countdown"]).prompts
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = []
     for ex, rate in zip(EXAMPLES, pass_rates):
@@ -28,7 +33,7 @@ def write_failures(run_dir: Path, tokenizer, pass_rates=(0.0, 0.25, 0.5)) -> Pat
                      "failed_texts": texts,
                      "failed_token_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t in texts],
                      "failed_reasons": ["wrong value", "no answer"], "failed_truncated": [False, False],
-                     "prompt_token_ids": [1, 2, 3]})
+                     "prompt_token_ids": prompt_ids(tokenizer, get_task("countdown"), ex, prompts)})
     run_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(run_dir / "failures.parquet", index=False)
     return run_dir
@@ -72,6 +77,9 @@ class ParityTask:
     def verify(self, example, completion: str) -> Verdict:
         ok = len(completion) % 2 == 0
         return Verdict(ok, "ok" if ok else "odd length")
+
+    def answer_in(self, example, text: str) -> bool:
+        return "ANSWER" in text
 
 
 def install(monkeypatch, trainer_module, canary: bool = False) -> None:

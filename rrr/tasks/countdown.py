@@ -29,6 +29,8 @@ Rational = tuple[int, int]   # (numerator, denominator), reduced, denominator > 
 # Consecutive generator misses (unsolvable or duplicate draws) before the knobs are declared impossible.
 MAX_MISSES = 2_000
 MAX_SPLIT_MISSES = 1_000_000
+MAX_NUMBERS = 5       # solving every draw exactly: 0.15 s for 5 numbers, 3.4 s for 6 (measured), exponential after
+MAX_VALUE = 1_000_000
 
 
 # ---- exact solver --------------------------------------------------------------------------------------
@@ -121,6 +123,14 @@ class Knobs:
     def check(self) -> None:
         if not self.num_numbers or min(self.num_numbers) < 1:
             raise UserError(f"task.generated.num_numbers={list(self.num_numbers)}: give counts >= 1, e.g. [3, 4]")
+        if max(self.num_numbers) > MAX_NUMBERS:
+            raise UserError(f"task.generated.num_numbers={list(self.num_numbers)}: at most {MAX_NUMBERS} numbers "
+                            f"(the exact solver that proves each problem solvable takes seconds per problem at 6 "
+                            f"and far longer beyond); use a hub or parquet source for larger problems")
+        if min(self.value_min, self.target_min) < 0 or max(self.value_max, self.target_max) > MAX_VALUE:
+            raise UserError(f"task.generated: values and targets must lie in [0, {MAX_VALUE}]")
+        if self.value_max < 1:
+            raise UserError("task.generated.value_max must be >= 1")
         if self.value_min > self.value_max or self.target_min > self.target_max:
             raise UserError("task.generated: value_min must be <= value_max and target_min <= target_max")
         pool = self.value_max - self.value_min + 1
@@ -195,11 +205,18 @@ def _parquet_rows(path: str | None) -> list[tuple[list[int], int]]:
 
     if not path or not Path(path).is_file():
         raise UserError(f"task.path={path!r} is not a file; point it at a parquet file with columns target, nums")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several types for a file that is not parquet
+        raise UserError(f"task.path={path!r} is not a readable parquet file ({type(e).__name__}); convert it, e.g. "
+                        "pandas.read_csv(f).to_parquet(out), or use task.source=generated") from None
     missing = {"target", "nums"} - set(df.columns)
     if missing:
         raise UserError(f"{path} lacks column(s) {sorted(missing)}; it needs target (int) and nums (list of int)")
-    return [([int(x) for x in ns], int(t)) for ns, t in zip(df["nums"], df["target"])]
+    try:
+        return [([int(x) for x in ns], int(t)) for ns, t in zip(df["nums"], df["target"])]
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: nums must be lists of integers and target an integer ({e})") from None
 
 
 def _load_rows(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Example]:
@@ -245,3 +262,10 @@ def verify(example: Example, completion: str):
     from rrr.verifiers.countdown import verify as verify_countdown
 
     return verify_countdown(completion, list(example.fields["nums"]), int(example.fields["target"]))
+
+
+def answer_in(example: Example, text: str) -> bool:
+    """Does `text` hold an answer the verifier can parse (an `<answer>` expression, right or wrong)?"""
+    from rrr.verifiers.countdown import answer_is_parsable
+
+    return answer_is_parsable(text, list(example.fields["nums"]))

@@ -59,7 +59,11 @@ def _read_rows(path: str | None) -> list[tuple[dict, str]]:
     """(row, where) pairs from a JSON array or JSON Lines file; `where` names the line for errors."""
     if not path or not Path(path).is_file():
         raise UserError(f"task.path={path!r} is not a file; point it at an xLAM-format JSON or JSONL file")
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"task.path={path!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                        "re-encode it as UTF-8 JSON or JSON Lines") from None
     if text.lstrip().startswith("["):
         try:
             return [(row, f"{path} item {i}") for i, row in enumerate(json.loads(text))]
@@ -180,3 +184,12 @@ def verify(example: Example, completion: str):
     if f["grader"] == "bfcl":
         return fc.verify_bfcl(completion, f["ground_truth"], f["tools"])
     return fc.verify(completion, f["answers"], f["tools"])
+
+
+def answer_in(example: Example, text: str) -> bool:
+    """Does `text` hold at least one tool call the verifier can parse (right or wrong)?"""
+    from rrr.verifiers.function_calling import call_cap, parse_calls
+
+    f = example.fields
+    gold = f["ground_truth"] if f["grader"] == "bfcl" else f["answers"]
+    return bool(parse_calls(text, call_cap(len(json.loads(gold) if isinstance(gold, str) else gold))))

@@ -44,6 +44,19 @@ def extract_answer(completion: str) -> str | None:
     return None if start < 0 else completion[start + len(OPEN):end]
 
 
+def answer_is_parsable(completion: str, nums: list[int]) -> bool:
+    """The last `<answer>` block parses as an expression of this grammar (right or wrong, any numbers)."""
+    answer = extract_answer(completion)
+    if answer is None or len(answer) > answer_cap(nums):
+        return False
+    expr = answer.partition("=")[0]
+    try:
+        to_rpn(tokenize(expr, max(len(str(n)) for n in nums) if nums else 1))
+    except ValueError:
+        return False
+    return True
+
+
 def answer_cap(nums: list[int]) -> int:
     """Most characters a sane answer needs: generous room for spaces and redundant parentheses."""
     return 4096 + 64 * len(nums)

@@ -11,7 +11,9 @@ unparsable (None), which both verifiers grade as incorrect.
 
 Hostile input stays cheap: tags and fences are found with str.find (linear), bare JSON by one
 string-aware bracket scan capped at MAX_BRACKETS, json.loads errors (RecursionError on deep nesting
-included) mean unparsable, and at most MAX_CALLS calls are read.
+included) mean unparsable, and at most `call_cap(gold)` calls are read: MAX_CALLS, or twice the gold's
+call count when the gold has more (the bracket budget scales with it), so a correct answer with many
+calls is never "unparsable" while a flood of calls stays cheap.
 
 `verify` (xLAM, data.md §1.4): predicted and gold calls match as multisets. Two calls are equal when the
 names are identical and the argument keys and values are equal: int/float numerically, bool only to bool,
@@ -37,7 +39,7 @@ from typing import Any
 
 from rrr.verifiers import Verdict
 
-MAX_CALLS = 256          # far above any gold answer (xLAM ≤ 8 tools per query, BFCL ≤ 8 parallel calls)
+MAX_CALLS = 256          # floor of the call cap (xLAM ≤ 8 tools per query, BFCL ≤ 8 parallel calls)
 MAX_BRACKETS = 20_000    # bare-JSON scan budget; more brackets than this is not a tool call
 MAX_CANDIDATES = 16      # bare JSON values tried, last first
 
@@ -74,17 +76,22 @@ def _normalize_call(item: Any) -> dict | None:
     return {"name": item["name"], "arguments": args}
 
 
-def _to_calls(value: Any) -> list[dict] | None:
+def call_cap(n_gold: int) -> int:
+    """Most calls read from one completion: MAX_CALLS, or twice the gold's call count if that is more."""
+    return max(MAX_CALLS, 2 * int(n_gold))
+
+
+def _to_calls(value: Any, max_calls: int = MAX_CALLS) -> list[dict] | None:
     items = value if isinstance(value, list) else [value]
-    if len(items) > MAX_CALLS:
+    if len(items) > max_calls:
         return None
     calls = [_normalize_call(x) for x in items]
     return None if any(c is None for c in calls) else calls
 
 
-def _tool_call_blocks(text: str) -> list[str]:
+def _tool_call_blocks(text: str, max_calls: int = MAX_CALLS) -> list[str]:
     blocks, pos = [], 0
-    while len(blocks) <= MAX_CALLS:
+    while len(blocks) <= max_calls:
         start = text.find(TOOL_OPEN, pos)
         end = text.find(TOOL_CLOSE, start) if start >= 0 else -1
         if end < 0:
@@ -137,13 +144,13 @@ def _looks_like_calls(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(x, dict) and "name" in x for x in value)
 
 
-def _last_json_calls(text: str) -> list[dict] | None:
+def _last_json_calls(text: str, max_calls: int = MAX_CALLS) -> list[dict] | None:
     stripped = text.strip()
     if stripped[:1] in ("[", "{"):           # fast path: the whole completion is JSON
         ok, value = _loads(stripped)
         if ok:
-            return _to_calls(value)
-    if sum(text.count(c) for c in "[]{}") > MAX_BRACKETS:
+            return _to_calls(value, max_calls)
+    if sum(text.count(c) for c in "[]{}") > MAX_BRACKETS * max(1, max_calls // MAX_CALLS):
         return None
     # Latest end first; for one end, the outermost span first.
     spans = sorted(_balanced_spans(text), key=lambda s: (-s[1], s[0]))
@@ -157,27 +164,28 @@ def _last_json_calls(text: str) -> list[dict] | None:
             break
         ok, value = _loads(span)
         if ok and _looks_like_calls(value):
-            return _to_calls(value)
+            return _to_calls(value, max_calls)
     return None
 
 
-def parse_calls(completion: str) -> list[dict] | None:
-    """Calls `[{"name": str, "arguments": dict}]` read from a completion, or None if unparsable."""
-    blocks = _tool_call_blocks(completion)
+def parse_calls(completion: str, max_calls: int = MAX_CALLS) -> list[dict] | None:
+    """Calls `[{"name": str, "arguments": dict}]` read from a completion, or None if unparsable
+    (more than `max_calls` calls included)."""
+    blocks = _tool_call_blocks(completion, max_calls)
     if blocks:
         calls: list[dict] = []
         for block in blocks:
             ok, value = _loads(block)
-            more = _to_calls(value) if ok else None
+            more = _to_calls(value, max_calls) if ok else None
             if more is None:
                 return None
             calls.extend(more)
-        return calls if len(calls) <= MAX_CALLS else None
+        return calls if len(calls) <= max_calls else None
     fenced = _last_fenced_block(completion)
     if fenced is not None:
         ok, value = _loads(fenced)
-        return _to_calls(value) if ok else None
-    return _last_json_calls(completion)
+        return _to_calls(value, max_calls) if ok else None
+    return _last_json_calls(completion, max_calls)
 
 
 def _as_list(x: Any) -> list:
@@ -245,10 +253,10 @@ def call_key(call: dict, defaults: dict[str, dict[str, Any]]) -> tuple:
 
 def verify(completion: str, answers: list[dict] | str, tools: list[dict] | str | None = None) -> Verdict:
     """xLAM verdict: the predicted calls equal the gold calls as a multiset; never raises on model text."""
-    pred = parse_calls(completion)
+    gold = _gold_calls(answers)
+    pred = parse_calls(completion, call_cap(len(gold)))
     if pred is None:
         return Verdict(False, "unparsable")
-    gold = _gold_calls(answers)
     if len(pred) != len(gold):
         return Verdict(False, f"wrong_count: got {len(pred)} calls, want {len(gold)}", pred)
     defaults = tool_defaults(_as_list(tools) if tools is not None else None)
@@ -410,10 +418,10 @@ def _bfcl_docs(tools: list[dict] | str) -> dict[str, dict]:
 
 def verify_bfcl(completion: str, ground_truth: list[dict] | str, tools: list[dict] | str) -> Verdict:
     """BFCL verdict for gold `[{func_name: {param: [alternatives...]}}]` and BFCL function docs."""
-    pred = parse_calls(completion)
+    gold, docs = _bfcl_gold(ground_truth), _bfcl_docs(tools)
+    pred = parse_calls(completion, call_cap(len(gold)))
     if pred is None:
         return Verdict(False, "unparsable")
-    gold, docs = _bfcl_gold(ground_truth), _bfcl_docs(tools)
     if len(pred) != len(gold):
         return Verdict(False, f"wrong_count: got {len(pred)} calls, want {len(gold)}", pred)
     try:

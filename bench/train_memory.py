@@ -1,6 +1,6 @@
 """Time and memory of one LoRA policy update, apart from model loading.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_train_step.py --model qwen2.5-coder-0.5b \
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.train_memory --model qwen2.5-coder-0.5b \
         --tokens 512 --episodes 8 --micro-batch 4
 
 Synthetic episodes: prompt, then a 128-token reflection, then 128 tokens of attempt 2. Peak RSS is read
@@ -79,7 +79,7 @@ def main() -> None:
               "update_peak_rss_gb": round(rss_gb("VmHWM"), 2), "rss_after_update_gb": round(rss_gb(), 2),
               "process_peak_rss_gb": round(max(load_peak, rss_gb("VmHWM")), 2),   # clear_refs resets ru_maxrss too
               "loss": stats["loss"], "grad_norm": stats["grad_norm"]}
-    print(json.dumps(result))
+    print("BENCH_JSON " + json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Verifier throughput (verdicts/s) on generated completions, a mix of correct and incorrect ones.
 
-    python scripts/bench_verifiers.py [--n 20000] [--seed 0]
+    python -m bench.verifiers [--n 20000] [--seed 0]
 
 Countdown: 3-4 numbers in 1..99, a random expression as witness, completions with a think block and one
 of: the right answer, a wrong value, wrong numbers, forbidden syntax, no answer block.
@@ -97,11 +97,12 @@ def bfcl_cases(rng: random.Random, n: int) -> list[tuple[str, list[dict], list[d
     return cases
 
 
-def bench(name: str, cases: list, verify: Callable) -> None:
+def bench(name: str, cases: list, verify: Callable) -> float:
     t0 = time.perf_counter()
     correct = sum(verify(*case).correct for case in cases)
     dt = time.perf_counter() - t0
     print(f"{name:28s} {len(cases) / dt:10,.0f} verdicts/s  ({len(cases)} cases, {correct / len(cases):.0%} correct)")
+    return len(cases) / dt
 
 
 def main() -> None:
@@ -110,12 +111,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    bench("countdown", [countdown_case(rng) for _ in range(args.n)], countdown.verify)
-    bench("function_calling (xLAM)", [xlam_case(rng) for _ in range(args.n)], function_calling.verify)
+    rates = {"countdown": bench("countdown", [countdown_case(rng) for _ in range(args.n)], countdown.verify),
+             "function_calling (xLAM)": bench("function_calling (xLAM)", [xlam_case(rng) for _ in range(args.n)],
+                                              function_calling.verify)}
     try:
-        bench("function_calling (BFCL)", bfcl_cases(rng, args.n), function_calling.verify_bfcl)
+        rates["function_calling (BFCL)"] = bench("function_calling (BFCL)", bfcl_cases(rng, args.n),
+                                                 function_calling.verify_bfcl)
     except ModuleNotFoundError:
         print("function_calling (BFCL): skipped, bfcl-eval is not installed")
+    print("BENCH_JSON " + json.dumps({"bench": "verifiers", "n": args.n, "verdicts_per_s": rates}))
 
 
 if __name__ == "__main__":

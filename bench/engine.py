@@ -1,7 +1,7 @@
 """Time one evaluation batch (attempt 1, reflection + retry, the three controls) through the engine.
 
-    python scripts/bench_engine.py --examples 8 engine.prefix_cache_gb=0      # no prefix cache
-    python scripts/bench_engine.py --examples 8                               # the default (2 GB)
+    python -m bench.engine --examples 8 engine.prefix_cache_gb=0      # no prefix cache
+    python -m bench.engine --examples 8                               # the default (2 GB)
 
 Runs `rrr.evaluate.evaluate_batch`, the code `rrr evaluate` runs, on the first test examples, and prints
 seconds per generation stage, prompt tokens prefilled vs served from the prefix cache, and one JSON
@@ -48,7 +48,8 @@ def main() -> None:
     cache = getattr(engine, "prefix_cache", None)
     if cache is not None:
         result |= {"prompt_tokens_prefilled": cache.miss_tokens, "prompt_tokens_from_cache": cache.hit_tokens}
-    print(json.dumps(result))
+    result["examples_per_s"] = round(len(rows) / total, 4)
+    print("BENCH_JSON " + json.dumps(result))
 
 
 if __name__ == "__main__":
