@@ -44,7 +44,7 @@ FIXED = ("model.", "train.gradient_checkpointing", "train.finetune")
 def measure(cfg, model, reference, tokenizer, engine, steps: int, episodes_out: Path | None = None) -> dict:
     """S trainer steps under `cfg` at lr 0; per-step rows and totals."""
     t = cfg.train
-    examples, stored = tr.load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate)
+    examples, stored = tr.load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate, cfg.task.name)
     optimizer, _ = tr.build_optimizer(cfg, model)
     task = get_task(cfg.task.name)
     sampling = sampling_from_cfg(t.sampling)
@@ -58,7 +58,7 @@ def measure(cfg, model, reference, tokenizer, engine, steps: int, episodes_out: 
         attempts1, _ = tr.first_attempts(cfg, engine, tokenizer, task, queries, [stored[i] for i in batch],
                                          sampling, step)
         groups = tr.reflect_retry(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, int(cfg.seed))
-        rewards = tr.group_rewards(groups, int(t.group_size))
+        rewards = tr.group_scores(cfg, task, queries, groups)
         mixed_first = int((~grpo.zero_std_groups(rewards)).sum())
         if t.zero_std == "resample":
             groups, rewards = tr.resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling,
@@ -67,8 +67,8 @@ def measure(cfg, model, reference, tokenizer, engine, steps: int, episodes_out: 
         keep = mixed if t.zero_std in ("skip", "resample") else torch.ones(len(groups), dtype=torch.bool)
         gen_s = time.time() - t0
         advantages = grpo.group_advantages(rewards, t.scale_rewards)
-        trained = [ep for q, g in enumerate(groups) if keep[q] for ep in g]
-        update = tr.policy_update(cfg, model, reference, optimizer, tokenizer, trained, advantages[keep].flatten())
+        trained, trained_advantages = tr.training_batch(groups, rewards, advantages, keep)
+        update = tr.policy_update(cfg, model, reference, optimizer, tokenizer, trained, trained_advantages)
         stats = tr.rollout_stats(groups, rewards)
         rows.append({"step": step, "queries": [q.id for q in queries], "groups": len(groups),
                      "mixed_first_draw": mixed_first, "mixed": int(mixed.sum()),
@@ -94,6 +94,15 @@ def measure(cfg, model, reference, tokenizer, engine, steps: int, episodes_out: 
             "steps_with_grad": with_grad, "seconds": round(seconds, 1),
             "gen_s": round(sum(r["gen_s"] for r in rows), 1), "update_s": round(sum(r["update_s"] for r in rows), 1),
             "s_per_grad_update": round(seconds / with_grad, 1) if with_grad else None, "rows": rows}
+
+
+def hydra_quoted(override: str) -> str:
+    """key=value with the value quoted for Hydra's override grammar when it holds spaces or punctuation
+    (shlex has already removed the shell's quotes)."""
+    key, sep, value = override.partition("=")
+    if not sep or value.replace(".", "").replace("-", "").replace("_", "").isalnum() or value == "":
+        return override
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def table(path: Path) -> str:
@@ -128,7 +137,7 @@ def main() -> None:
     run_cfg = OmegaConf.load(f"{args.failures}/config.yaml")
     base = ["experiment=demo", f"task={run_cfg.task.name}", f"model={run_cfg.model.name}",
             f"train.failures={args.failures}", "train.lr=0.0"]
-    settings = [(name, shlex.split(ov, posix=False)) for name, ov in args.setting]   # keep quotes for Hydra
+    settings = [(name, [hydra_quoted(o) for o in shlex.split(ov)]) for name, ov in args.setting]
     for name, ov in settings:
         if any(o.startswith(FIXED) for o in ov):
             raise SystemExit(f"setting {name}: {', '.join(FIXED)} are fixed within one call (one model load)")
