@@ -485,7 +485,7 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
         return None
     chunk = int(cfg.train.logprob_chunk_size)
     if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):
-        def lora_reference(ids, attention_mask, mask, temperature):
+        def lora_reference(ids, attention_mask, mask, temperature=1.0):
             with torch.no_grad(), model.disable_adapter():
                 return masked_logprobs(model, ids, attention_mask, mask, chunk, temperature)[0]
         return lora_reference
@@ -497,7 +497,7 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
             frozen = frozen.merge_and_unload()
         frozen = frozen.eval().requires_grad_(False)
 
-    def frozen_reference(ids, attention_mask, mask, temperature):
+    def frozen_reference(ids, attention_mask, mask, temperature=1.0):
         with torch.no_grad():
             return masked_logprobs(frozen, ids, attention_mask, mask, chunk, temperature)[0]
     return frozen_reference
