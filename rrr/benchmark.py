@@ -33,8 +33,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr.config import UserError
-from rrr.runs import (atomic_write_json, atomic_write_parquet, check_resumable, model_info, new_run_dir,
-                      update_manifest, write_run_files)
+from rrr.runs import (atomic_write_json, atomic_write_parquet, check_resumable, claim_run_dir, lock_run_dir,
+                      model_info, plan_run_dir, update_manifest, write_run_files)
 
 COMMAND = "benchmark"
 PAPER_TASKS = ("mmlu_pro", "gsm8k", "hellaswag", "hendrycks_math")   # conf/bench/default.yaml says why
@@ -290,6 +290,10 @@ def _results_json(output: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- pipeline
 
+def _finished(out_dir: Path) -> bool:
+    return (out_dir / "results.json").exists() and (out_dir / "samples.parquet").exists()
+
+
 def run(cfg: DictConfig) -> Path:
     t0 = time.time()
     plans = task_plans(cfg.bench)
@@ -300,9 +304,15 @@ def run(cfg: DictConfig) -> Path:
     task_manager = build_task_manager(inc, plans)
     check_tasks(task_manager, plans)
     version = lm_eval_version()
-    run_dir = new_run_dir(cfg, COMMAND)
+    run_dir = plan_run_dir(cfg, COMMAND)
+    if run_dir.is_dir():
+        lock_run_dir(run_dir)                      # before reading its results: one writer per run dir
     fp = fingerprint(cfg, plans, version)
     check_resumable(run_dir, COMMAND, fp)
+    todo = [p for p in plans if not _finished(run_dir / "tasks" / p.slug)]
+    lm = build_lm(cfg) if todo else None
+    # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
+    claim_run_dir(run_dir)
     model_path = cfg.model.get("path")
     write_run_files(run_dir, cfg, COMMAND, extra={
         "resume_fingerprint": fp,
@@ -314,15 +324,12 @@ def run(cfg: DictConfig) -> Path:
         "seeds": "lm-eval's defaults (random 0, numpy/torch/fewshot 1234), so numbers match a plain lm-eval run",
     })
 
-    lm = None
     times: dict[str, float] = {}
     for plan in plans:
         out_dir = run_dir / "tasks" / plan.slug
-        if (out_dir / "results.json").exists() and (out_dir / "samples.parquet").exists():
+        if plan not in todo:
             print(f"benchmark {plan.name}: done in an earlier invocation, kept")
             continue
-        if lm is None:
-            lm = build_lm(cfg)
         start = time.time()
         output = evaluate_task(lm, task_manager, plan, cfg.bench)
         times[plan.name] = round(time.time() - start, 2)

@@ -205,3 +205,16 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(UserError, match=r"\.\[bench\]"):
         benchmark.require_lm_eval()
+
+
+def test_a_failed_start_leaves_no_run_dir(tmp_path, monkeypatch):
+    """The model loads before the run dir exists: a start that fails there leaves nothing that would
+    refuse the corrected command."""
+    def no_model(cfg):
+        raise UserError("cannot load the model")
+
+    monkeypatch.setattr(benchmark, "build_lm", no_model)
+    run = tmp_path / "r"
+    with pytest.raises(UserError, match="cannot load"):
+        benchmark.run(bench_cfg(run))
+    assert not run.exists()
