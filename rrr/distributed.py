@@ -123,11 +123,14 @@ def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def mean(value: float | None, count: int) -> float | None:
-    """The mean over all ranks of per-rank means `value` of `count` items each (None stays None)."""
-    if value is None or not active():
+    """The mean over all ranks of per-rank means `value` of `count` items each; a rank with nothing to
+    average passes None and still joins the all-reduce (skipping it would hang the others). None when no
+    rank has any item."""
+    if not active():
         return value
-    total, n = all_reduce_sum(torch.tensor([value * count, count], dtype=torch.float64)).tolist()
-    return total / n if n else 0.0
+    mine = [value * count, count] if value is not None else [0.0, 0]
+    total, n = all_reduce_sum(torch.tensor(mine, dtype=torch.float64)).tolist()
+    return total / n if n else None
 
 
 def all_reduce_max(x: float) -> float:

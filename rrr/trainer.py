@@ -125,7 +125,7 @@ def run(cfg: DictConfig) -> Path:
         row = {"step": step, **update, **rollout_stats(groups, rewards),
                "frac_zero_std": dist.mean(frac_zero_std, len(zero_std)),
                "reflection_leak": leak_share(leak_flags(task, queries, groups)),
-               "attempt1_pass_rate": dist.mean(attempt1_stats["attempt1_pass_rate"], len(batch)),
+               "attempt1_pass_rate": dist.mean(attempt1_stats["attempt1_pass_rate"], attempt1_stats["scored_attempt1"]),
                "unscorable_attempt1": int(dist.all_reduce_sum(float(attempt1_stats["unscorable_attempt1"]))),
                "verifier_errors": int(dist.all_reduce_sum(float(verifier.unscorable))), "lr": lr,
                "gen_tokens_per_s": generated_tokens(groups) / max(dist.all_reduce_max(gen_s), 1e-9),
@@ -169,13 +169,14 @@ def first_attempts(cfg: DictConfig, engine, tokenizer, task, queries: Sequence[E
     seed = int(cfg.seed)
     if cfg.train.attempt1 == "stored":
         return [stored_attempt(s, q, seed, step) for q, s in zip(queries, stored)], \
-            {"attempt1_pass_rate": None, "unscorable_attempt1": 0}
+            {"attempt1_pass_rate": None, "unscorable_attempt1": 0, "scored_attempt1": 0}
     online = [a[0] for a in rollout.sample_attempts(engine, tokenizer, task, list(queries), cfg.prompts,
                                                     sampling["attempt1"], n=1, seed=seed, step=step, stats=stats)]
     scored = [bool(a.verdict.correct) for a in online if a.verdict is not rollout.UNSCORABLE]
     return [None if a.verdict.correct or a.verdict is rollout.UNSCORABLE else FailedAttempt(a.sample, a.verdict)
             for a in online], {"attempt1_pass_rate": float(np.mean(scored)) if scored else None,
-                               "unscorable_attempt1": len(online) - len(scored)}
+                               "unscorable_attempt1": len(online) - len(scored),
+                               "scored_attempt1": len(scored)}
 
 
 def stored_attempt(stored: dict, example: Example, seed: int, step: int) -> FailedAttempt:

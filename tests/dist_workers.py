@@ -62,3 +62,21 @@ def spawn(fn, world: int, *args) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+def means(rank: int, world: int, port: int, out: str) -> None:
+    """`distributed.mean` where rank 1 has nothing to average (None): it must still join the all-reduce."""
+    import json
+
+    from rrr import distributed
+
+    join(rank, world, port)
+    try:
+        got = [distributed.mean(0.5 if rank == 0 else None, 4 if rank == 0 else 0),   # one rank has items
+               distributed.mean(None, 0),                                            # none has
+               distributed.mean([0.25, 1.0][rank], [4, 2][rank])]                   # weighted by counts
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(got, f)
+    finally:
+        distributed.destroy()

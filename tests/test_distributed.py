@@ -85,6 +85,12 @@ def test_shard_and_gather_are_inverse_and_contiguous():
     assert shares == [[0], [1, 2], [3, 4]] and sum(shares, []) == list(range(5))
 
 
+def test_mean_over_ranks_when_one_rank_has_nothing_to_average(tmp_path):
+    out = tmp_path / "means.json"
+    dist_workers.spawn(dist_workers.means, 2, str(out))      # a rank that skipped the all-reduce would hang
+    assert json.loads(out.read_text()) == [0.5, None, pytest.approx((0.25 * 4 + 1.0 * 2) / 6)]
+
+
 def test_two_ranks_give_the_single_process_run(tmp_path, failures, straight):
     run = tmp_path / "two"
     dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, run))

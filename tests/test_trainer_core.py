@@ -216,7 +216,7 @@ def test_online_unscorable_attempt1_is_counted_apart_not_as_a_failure(monkeypatc
     attempts, stats = trainer.first_attempts(cfg, None, None, None, [None] * 4, [None] * 4,
                                              {"attempt1": None}, 1)
     assert [a is not None for a in attempts] == [False, False, True, False]
-    assert stats == {"attempt1_pass_rate": 0.5, "unscorable_attempt1": 2}
+    assert stats == {"attempt1_pass_rate": 0.5, "unscorable_attempt1": 2, "scored_attempt1": 2}
 
 
 def test_verifier_errors_are_logged_per_step(tmp_path, failures, monkeypatch, capsys):
