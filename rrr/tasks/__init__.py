@@ -26,7 +26,9 @@ class Example:
 
     def to_row(self) -> dict[str, Any]:
         return {"id": self.id, "task": self.task, "source": self.source,
-                "fields": json.dumps(self.fields, sort_keys=True)}
+                # key order kept: the prompt renders tool specs from these fields, and a stored attempt 1
+                # must continue the very prompt it was sampled after (sorted keys changed BFCL prompts)
+                "fields": json.dumps(self.fields)}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Example":
