@@ -41,6 +41,8 @@ def apply_leak_policy(rewards: torch.Tensor, leaks: torch.Tensor, mode: str) -> 
     if mode == "keep":
         return rewards
     if mode == "no_reward":
+        if rewards.numel() == 0:                   # a rank with an empty share: [0, G] rewards, [0, 0] flags
+            return rewards
         return torch.where(leaks & ~rewards.isnan(), torch.zeros_like(rewards), rewards)
     raise ValueError(f"train.leak must be one of {', '.join(LEAK_MODES)}, got {mode!r}")
 

@@ -16,6 +16,7 @@ import dist_workers
 import trainer_fakes
 from rrr import distributed, trainer
 from rrr.checkpoint import latest_checkpoint
+from rrr.runs import unlock_run_dir
 from rrr.config import compose
 
 torch.set_num_threads(1)
@@ -128,6 +129,7 @@ def test_resume_on_another_rank_count_gives_the_straight_run(tmp_path, failures,
     run = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.run(compose(train_overrides(failures, run)))
+    unlock_run_dir(run)            # what the crashed process's exit does (its lock is not the ranks')
     assert latest_checkpoint(run).name == "step_00002"
     capfd.readouterr()
     dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, run))
