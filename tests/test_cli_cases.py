@@ -272,16 +272,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, fa
 
     trainer_fakes.install(monkeypatch, trainer)
     cfg = compose(train_args(failures, "train.save_every=1", "train.steps=3", f"run_dir={tmp_path / 'run'}")[1:])
-    calls = {"n": 0}
-    real = trainer.peak_rss_gb
-
-    def crash_in_step_3():
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real()
-
-    monkeypatch.setattr(trainer, "peak_rss_gb", crash_in_step_3)
+    real = trainer_fakes.crash_in_step(monkeypatch, trainer, 3)
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.run(cfg)
     monkeypatch.setattr(trainer, "peak_rss_gb", real)

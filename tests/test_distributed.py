@@ -116,16 +116,7 @@ def test_resume_on_another_rank_count_gives_the_straight_run(tmp_path, failures,
     """One process crashes in step 3 (checkpoint step 2); two ranks resume it and end where the
     uninterrupted single-process run ends, saying in one line that the rank count changed."""
     trainer_fakes.install(monkeypatch, trainer)
-    calls = {"n": 0}
-    real = trainer.peak_rss_gb
-
-    def crash_in_step_3():
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real()
-
-    monkeypatch.setattr(trainer, "peak_rss_gb", crash_in_step_3)
+    trainer_fakes.crash_in_step(monkeypatch, trainer, 3)
     run = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.run(compose(train_overrides(failures, run)))

@@ -90,3 +90,19 @@ def install(monkeypatch, trainer_module, canary: bool = False) -> None:
     monkeypatch.setattr(trainer_module, "build_engine",
                         lambda cfg, model, tok: RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>")))
     monkeypatch.setattr(trainer_module, "get_task", lambda name: ParityTask())
+
+
+def crash_in_step(monkeypatch, trainer, step: int):
+    """Make `trainer.run` raise RuntimeError("simulated crash") in `step` (after the checkpoint of step - 1),
+    through the once-per-step `peak_rss_gb` call; returns the real `peak_rss_gb` to put back."""
+    calls = {"n": 0}
+    real = trainer.peak_rss_gb
+
+    def crash():
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("simulated crash")
+        return real()
+
+    monkeypatch.setattr(trainer, "peak_rss_gb", crash)
+    return real
