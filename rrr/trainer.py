@@ -412,6 +412,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps", "batch_queries", "group_size", "micro_batch_size", "save_every"):
         if int(t[key]) < 1:
             raise UserError(f"train.{key} must be >= 1")
+    try:
+        mmap_mb = float(t.malloc_mmap_threshold_mb)
+    except (TypeError, ValueError):
+        mmap_mb = -1.0
+    if not mmap_mb >= 0:
+        raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
     if int(t.group_size) < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
     if t.parallel not in ("ddp", "fsdp"):
@@ -444,7 +450,7 @@ def seed_everything(seed: int) -> None:
 def build_policy(cfg: DictConfig):
     from rrr.models import apply_lora, load_model
 
-    malloc_mmap_threshold(int(cfg.train.malloc_mmap_threshold_mb) << 20)
+    malloc_mmap_threshold(int(float(cfg.train.malloc_mmap_threshold_mb) * 2**20))
     model, tokenizer = load_model(cfg.model, for_training=True)
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -482,6 +482,16 @@ def test_vllm_adapter_sync_of_a_fully_finetuned_model_reloads_weights(fake_vllm,
     assert engine.lora_request is None and len(engine.llm.loaded) == 1
 
 
+def test_vllm_adapter_engine_given_a_plain_model_stops_serving_the_old_adapter(fake_vllm, tiny_model):
+    engine = make_vllm_engine(lora_sync="adapter")
+    engine.load_weights(random_lora(tiny_model))
+    served = engine.lora_request
+    engine.load_weights(tiny_model[0])                           # e.g. evaluate the base model next
+    engine.generate([[1]], 1, HOT, seeds=[[1]])
+    assert engine.lora_request is None and engine.llm.calls[-1][2] is None
+    assert ("remove_lora", served.lora_int_id) in engine.llm.log and not Path(served.lora_path).exists()
+
+
 def test_vllm_sleep_mode_sleeps_for_the_update_and_wakes_weights_before_the_load(fake_vllm, tiny_model):
     engine = make_vllm_engine(sleep_mode=True)
     assert engine.llm.kwargs["enable_sleep_mode"]
@@ -522,7 +532,20 @@ def test_build_engine_vllm_pushes_adapters(fake_vllm, tiny_model, monkeypatch):
     assert (engine.llm.kwargs["model"], engine.llm.kwargs["revision"], engine.llm.kwargs["seed"],
             engine.llm.kwargs["dtype"]) == ("/base", "abc123", 5, "float32")
     assert engine.stop_ids == stop_token_ids(tok)
-    assert len(engine.llm.loaded) == 1 and engine.lora_sync == "merged" and "enable_lora" not in engine.llm.kwargs
+    # the default for a LoRA policy: vLLM serves the adapter; no full reload
+    assert engine.lora_sync == "adapter" and engine.llm.kwargs["enable_lora"] and engine.llm.loaded == []
+    assert engine.lora_request is not None and engine.llm.log == [("add_lora", 1), "reset_prefix_cache"]
+    merged = build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu", "engine.lora_sync=merged"]),
+                          apply_lora(copy.deepcopy(model), cfg.model), tok)
+    assert len(merged.llm.loaded) == 1 and merged.lora_sync == "merged" and "enable_lora" not in merged.llm.kwargs
+
+
+def test_build_engine_vllm_without_adapters_never_enables_lora(fake_vllm, tiny_model, monkeypatch):
+    import rrr.models
+
+    monkeypatch.setattr(rrr.models, "weights_source", lambda cfg: ("/base", None))
+    engine = build_engine(compose(["model=tiny-random", "engine=vllm", "model.device=cpu"]), *tiny_model)
+    assert engine.lora_sync == "merged" and "enable_lora" not in engine.llm.kwargs and engine.llm.log == []
 
 
 def test_build_engine_vllm_config_keys(fake_vllm, tiny_model, monkeypatch):
@@ -532,7 +555,9 @@ def test_build_engine_vllm_config_keys(fake_vllm, tiny_model, monkeypatch):
     model, tok = tiny_model
     cfg = compose(["model=tiny-random", "engine=vllm", "model.device=cpu", "engine.lora_sync=adapter",
                    "engine.gpu_memory_utilization=0.5", "engine.enforce_eager=true", "model.lora.r=12"])
-    engine = build_engine(cfg, model, tok)
+    from rrr.models import apply_lora
+
+    engine = build_engine(cfg, apply_lora(copy.deepcopy(model), cfg.model), tok)
     assert (engine.llm.kwargs["gpu_memory_utilization"], engine.llm.kwargs["enforce_eager"],
             engine.llm.kwargs["max_lora_rank"]) == (0.5, True, 16)
     with pytest.raises(UserError, match="sleep_mode=true needs a CUDA"):

