@@ -34,8 +34,8 @@ def policy():
 
 @pytest.fixture(scope="module", params=["adapter", "merged"])
 def vllm_engine(request, policy):
-    """Every test runs on both LoRA syncs: adapter (vLLM serves the saved adapter; the default) and
-    merged (full weights reloaded). pytest runs all tests of one before starting the other."""
+    """Every test runs on both LoRA syncs: adapter (vLLM serves the saved adapter) and merged (full
+    weights reloaded; the default). pytest runs all tests of one before starting the other."""
     model, tok = policy
     engine = build_engine(compose([*BASE, f"engine.lora_sync={request.param}"]), model, tok)
     assert engine.lora_sync == request.param

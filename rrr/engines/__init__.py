@@ -13,8 +13,8 @@ __all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "derive_seed"]
 
 def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     """The engine named by `cfg.engine.name`, sampling from `model` (hf shares the object; vllm loads
-    the base weights itself; when `model` carries adapters they are pushed: served by vLLM's LoRA
-    support with lora_sync=adapter, the default, or merged into full weights with lora_sync=merged)."""
+    the base weights itself; when `model` carries adapters they are pushed: merged into full weights
+    with lora_sync=merged, the default, or served by vLLM's LoRA support with lora_sync=adapter)."""
     from rrr.engines.hf import HFEngine, stop_token_ids
 
     name = cfg.engine.name
