@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "failures": "",           # a collect-failures run dir (bench.run makes one)
     "out": "outputs/bench",
+    "rrr_args": "",           # extra rrr overrides for rrr's workers, space-separated (e.g. "train.beta=0")
+    "vllm_args": "",          # extra rrr overrides for the engine=vllm workers only (e.g. "engine.enforce_eager=false")
 }
 
 
@@ -66,7 +68,8 @@ def rrr_overrides(a: dict[str, Any]) -> list[str]:
             f"train.sampling.reflection.max_tokens={a['reflection_tokens']}",
             f"train.sampling.attempt2.max_tokens={a['retry_tokens']}",
             "train.gradient_checkpointing=false", f"train.micro_batch_size={a['group']}",
-            "log.progress=false", *vllm_cpu_overrides(a)]
+            "log.progress=false", *vllm_cpu_overrides(a), *a.get("rrr_args", "").split(),
+            *(a.get("vllm_args", "").split() if a["engine"] == "vllm" else [])]
 
 
 def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
@@ -78,7 +81,9 @@ def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
 
     if torch.cuda.is_available():
         return []
-    return ["engine.enforce_eager=true", "engine.gpu_memory_utilization=0.1", "model.dtype=float32"]
+    given = {kv.split("=", 1)[0] for kv in (a.get("rrr_args", "") + " " + a.get("vllm_args", "")).split()}  # they win
+    return [kv for kv in ("engine.enforce_eager=true", "engine.gpu_memory_utilization=0.1", "model.dtype=float32")
+            if kv.split("=", 1)[0] not in given]
 
 
 def rss_gb(field: str = "VmRSS") -> float:
