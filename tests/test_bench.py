@@ -104,3 +104,26 @@ def test_targets_are_ratios_of_medians_in_the_same_results():
     table = run.markdown(results)
     assert "| rrr train, engine=hf | 5.0 | 10.00 | 2.50 |" in table
     assert "| engine=hf rollout ÷ raw generate ≥ 0.9 | 0.80 | no |" in table
+
+
+def test_rrr_overrides_vllm_cpu_defaults_extra_args_and_that_given_keys_win(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hf = common.rrr_overrides(dict(common.DEFAULTS, rrr_args="train.beta=0", vllm_args="engine.enforce_eager=true"))
+    assert "train.beta=0" in hf and not any(kv.startswith("engine.enforce_eager") for kv in hf)  # vllm_args: vllm only
+    vllm = common.rrr_overrides(dict(common.DEFAULTS, engine="vllm", vllm_args="engine.enforce_eager=true"))
+    assert [kv for kv in vllm if kv.startswith("engine.enforce_eager")] == ["engine.enforce_eager=true"]
+    assert "engine.gpu_memory_utilization=0.1" in vllm and "engine.enforce_eager=false" in common.rrr_overrides(
+        dict(common.DEFAULTS, engine="vllm"))
+    compose(vllm)                                       # every override is a valid rrr key
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.vllm_cpu_overrides(dict(common.DEFAULTS, engine="vllm")) == []
+
+
+def test_vllm_cpu_env_binds_as_many_cores_as_threads_from_the_allowed_set(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {3, 1, 5})
+    assert run.vllm_cpu_env(2) == {"VLLM_CPU_OMP_THREADS_BIND": "1,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    assert run.vllm_cpu_env(2) == {}
