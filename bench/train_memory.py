@@ -17,12 +17,7 @@ import time
 
 import torch
 
-
-def rss_gb(field: str = "VmRSS") -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024 ** 2
-    raise KeyError(field)
+from bench.common import rss_gb
 
 
 def reset_peak() -> None:

@@ -112,11 +112,9 @@ def test_rrr_overrides_vllm_cpu_defaults_extra_args_and_that_given_keys_win(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hf = common.rrr_overrides(dict(common.DEFAULTS, rrr_args="train.beta=0", vllm_args="engine.enforce_eager=true"))
     assert "train.beta=0" in hf and not any(kv.startswith("engine.enforce_eager") for kv in hf)  # vllm_args: vllm only
-    vllm = common.rrr_overrides(dict(common.DEFAULTS, engine="vllm", vllm_args="engine.enforce_eager=true"))
-    assert [kv for kv in vllm if kv.startswith("engine.enforce_eager")] == ["engine.enforce_eager=true"]
-    assert "engine.gpu_memory_utilization=0.1" in vllm and "engine.enforce_eager=false" in common.rrr_overrides(
-        dict(common.DEFAULTS, engine="vllm"))
-    compose(vllm)                                       # every override is a valid rrr key
+    vllm = compose(common.rrr_overrides(dict(common.DEFAULTS, engine="vllm", vllm_args="engine.enforce_eager=true")))
+    assert vllm.engine.enforce_eager is True and vllm.engine.gpu_memory_utilization == 0.1   # vllm_args win
+    assert compose(common.rrr_overrides(dict(common.DEFAULTS, engine="vllm"))).engine.enforce_eager is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert common.vllm_cpu_overrides(dict(common.DEFAULTS, engine="vllm")) == []
 

@@ -22,16 +22,13 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
         return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size),
                         prefix_cache_gb=float(cfg.engine.prefix_cache_gb))
     if name == "vllm":
-        from rrr.engines.vllm import VLLMEngine
+        from rrr.engines.vllm import VLLMEngine, check_lora_sync
         from rrr.models import resolve_device, resolve_dtype, weights_source
 
-        from rrr.engines.vllm import LORA_SYNCS
-
-        if str(cfg.engine.lora_sync) not in LORA_SYNCS:
-            raise UserError(f"engine.lora_sync={cfg.engine.lora_sync!r}; valid choices: {', '.join(LORA_SYNCS)}")
         # vLLM's LoRA serving only when there are adapters to serve (a base model or a full fine-tune
         # would pay for enable_lora and never use it)
-        lora_sync = str(cfg.engine.lora_sync) if hasattr(model, "merge_adapter") else "merged"
+        lora_sync = check_lora_sync(str(cfg.engine.lora_sync))
+        lora_sync = lora_sync if hasattr(model, "merge_adapter") else "merged"
         source, revision = weights_source(cfg.model)
         dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
         engine = VLLMEngine(source, revision=revision, stop_ids=stop_token_ids(tokenizer), dtype=dtype,

@@ -46,6 +46,12 @@ from rrr.engines.base import Sample, SamplingParams
 LORA_SYNCS = ("merged", "adapter")
 
 
+def check_lora_sync(lora_sync: str) -> str:
+    if lora_sync not in LORA_SYNCS:
+        raise UserError(f"engine.lora_sync={lora_sync!r}; valid choices: {', '.join(LORA_SYNCS)}")
+    return lora_sync
+
+
 def _import_vllm():
     try:
         import vllm
@@ -92,8 +98,7 @@ class VLLMEngine:
                  seed: int, max_model_len: int, gpu_memory_utilization: float, enable_prefix_caching: bool,
                  enforce_eager: bool, lora_sync: str = "merged", max_lora_rank: int = 16,
                  sleep_mode: bool = False, parallel: dict | None = None):
-        if lora_sync not in LORA_SYNCS:
-            raise UserError(f"engine.lora_sync={lora_sync!r}; valid choices: {', '.join(LORA_SYNCS)}")
+        check_lora_sync(lora_sync)
         self.vllm = _import_vllm()
         self.stop_ids = stop_ids
         self.dtype = dtype
