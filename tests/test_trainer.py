@@ -148,16 +148,22 @@ class CapturingOptimizer:
         self.grads.append([p.grad.clone() for p in self.params])
 
 
-def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, failures, smol_tokenizer):
-    cfg = config(failures, tmp_path / "run", "train.beta=0.5")
+def scripted_batch(cfg, failures: Path):
+    """The policy, and one step's episodes [12] with their advantages: the stored attempts 1 of the failure
+    set, reflections and retries from the random-stop fake engine, rewards from the parity task."""
     model, tokenizer = trainer.build_policy(cfg)
     examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
     attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
     engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
                                    trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
-    advantages = trainer.grpo.group_advantages(trainer.group_rewards(groups, 4)).flatten()   # [12]
-    episodes = [ep for g in groups for ep in g]
+    advantages = trainer.grpo.group_advantages(trainer.group_rewards(groups, 4)).flatten()
+    return model, tokenizer, [ep for g in groups for ep in g], advantages
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, failures, smol_tokenizer):
+    cfg = config(failures, tmp_path / "run", "train.beta=0.5")
+    model, tokenizer, episodes, advantages = scripted_batch(cfg, failures)   # 12 episodes
     reference = trainer.build_reference(cfg, model)
     optimizer = CapturingOptimizer(p for p in model.parameters() if p.requires_grad)
     for size in (12, 5, 1):
@@ -298,14 +304,7 @@ def test_untrainable_reflection_sampling_is_refused(tmp_path, failures, override
 
 def test_token_tis_reweights_the_update_and_logs_its_ratios(tmp_path, failures):
     cfg = config(failures, tmp_path / "run", "train.beta=0", "train.is_correction=token_tis", "train.is_cap=1.5")
-    model, tokenizer = trainer.build_policy(cfg)
-    examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
-    attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
-    engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
-                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
-    advantages = trainer.grpo.group_advantages(trainer.group_rewards(groups, 4)).flatten()
-    episodes = [ep for g in groups for ep in g]
+    model, tokenizer, episodes, advantages = scripted_batch(cfg, failures)
     for ep in episodes:   # the fake sampler says log p = −1; every other token −30: ratios ≪ 1 and capped ones
         ep.sampler_logprobs = [lp - 29 * (i % 2) for i, lp in enumerate(ep.sampler_logprobs)]
     optimizer = CapturingOptimizer(p for p in model.parameters() if p.requires_grad)
