@@ -24,6 +24,14 @@ def smol_tokenizer():
     return load_tokenizer_only("smollm2-135m")
 
 
+@pytest.fixture
+def failures(tmp_path, smol_tokenizer):
+    """A small Countdown failure set (trainer_fakes.write_failures) in this test's tmp dir."""
+    import trainer_fakes
+
+    return trainer_fakes.write_failures(tmp_path / "failures", smol_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """(model, tokenizer) of `model=tiny-random`: a seeded 2-layer Llama (fp32, CPU, eval mode) with the

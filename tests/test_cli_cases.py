@@ -47,11 +47,6 @@ def assert_one_line_error(result, needle: str) -> str:
     return errors[0]
 
 
-@pytest.fixture
-def failures(tmp_path, smol_tokenizer) -> Path:
-    return trainer_fakes.write_failures(tmp_path / "failures", smol_tokenizer)
-
-
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """A full tiny-random model directory and a LoRA adapter on it (with its base-model record)."""

@@ -24,11 +24,6 @@ torch.set_num_threads(1)
 NAN = float("nan")
 
 
-@pytest.fixture
-def failures(tmp_path, smol_tokenizer) -> Path:
-    return trainer_fakes.write_failures(tmp_path / "failures", smol_tokenizer)
-
-
 def config(failures: Path, run: Path, *extra: str):
     return compose(["task=countdown", "model=tiny-random", f"train.failures={failures}", f"run_dir={run}",
                     "train.steps=1", "train.batch_queries=2", "train.group_size=4", "train.micro_batch_size=4",
