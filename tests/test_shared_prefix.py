@@ -74,7 +74,7 @@ def tiny(arch: str, attn: str, seed: int = 0):
     return model
 
 
-def trainable_model(base, finetune: str, checkpointing: bool):
+def trainable_model(base, finetune: str, checkpointing: bool, lora_std: float = 0.5):
     """(policy in train mode, reference callable args -> logp under no_grad) for LoRA or full."""
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -85,7 +85,7 @@ def trainable_model(base, finetune: str, checkpointing: bool):
         with torch.no_grad():                            # lora_B starts at 0: make the adapter matter
             for name, p in model.named_parameters():
                 if "lora_B" in name:
-                    p.normal_(0, 0.5)
+                    p.normal_(0, lora_std)
         return model.train(), lambda logprobs: _with(model.disable_adapter(), logprobs, model)
     frozen = tiny(type(base).__name__.startswith("Llama") and "llama" or "qwen2", base.config._attn_implementation, seed=1)
     return base.train(), lambda logprobs: _with(torch.no_grad(), logprobs, frozen.eval())
@@ -237,3 +237,17 @@ def test_attention_that_a_mask_cannot_express_is_refused():
     with pytest.raises(UserError, match="sliding-window"):
         check_model(sliding)
     assert check_model(tiny("qwen2", "eager")) == "eager"             # Qwen2's layers are all full attention
+
+
+@pytest.mark.slow
+def test_smollm2_lora_with_checkpointing_is_exact():
+    """The real SmolLM2-135M (Llama architecture, 30 layers, sdpa), fp32, LoRA, left padding."""
+    from rrr.config import compose
+    from rrr.models import load_model
+
+    base, _ = load_model(compose(["model=smollm2-135m", "model.device=cpu", "model.dtype=float32"]).model,
+                         for_training=True)
+    model, reference = trainable_model(base, "lora", checkpointing=True, lora_std=0.01)   # π near π_ref, as in training
+    g = torch.Generator().manual_seed(11)
+    b = batch_of(group(g, 0, 48, [9, 17, 4, 12], truncated={2}) + group(g, 1, 30, [6]), "left")
+    assert_paths_equal(model, reference, b, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0]))
