@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from rrr.config import UserError
 from rrr.episode import Segment
-from rrr.logprobs import backbone_and_head, head_logprobs, scatter_to_mask
+from rrr.logprobs import backbone_and_head, head_logprobs, masked_logprobs, scatter_to_mask
 
 MASKED_ATTENTION = ("eager", "sdpa")   # the attention implementations that take an arbitrary 4D mask
 
@@ -217,3 +217,35 @@ def _shared_masked_logprobs(model, input_ids, attention_mask, target_mask, segme
     rows = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]                              # [N, H]
     logp, entropy = head_logprobs(head, rows, input_ids[target_mask], temperature[target_mask], chunk_size)
     return scatter_to_mask(logp, target_mask), scatter_to_mask(entropy, target_mask)
+
+
+def update_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
+                    chunk_size: int, temperature: float | Tensor, segment_ids: Tensor | None = None):
+    """The policy's and the reference's log-probs in the update: shared prefixes when segment_ids [B, T] is
+    given (train.shared_prefix=true), per episode (`masked_logprobs`) when it is None."""
+    if segment_ids is None:
+        return masked_logprobs(model, input_ids, attention_mask, target_mask, chunk_size, temperature)
+    return shared_masked_logprobs(model, input_ids, attention_mask, target_mask, segment_ids, chunk_size, temperature)
+
+
+def update_micro_batches(input_ids: Tensor, attention_mask: Tensor, segment_ids: Tensor, size: int,
+                         shared: bool) -> list[Tensor]:
+    """The update's micro-batches of a [N, T] batch as row indices: whole prefix groups when shared (a
+    split group would encode its prefix again), else `size` episodes in order."""
+    if not len(input_ids):
+        return []
+    if not shared:
+        return list(torch.arange(len(input_ids)).split(size))
+    groups = [rows for rows, _ in prefix_groups(input_ids, attention_mask, segment_ids)]
+    return [torch.tensor(mb) for mb in whole_group_micro_batches(groups, size)]
+
+
+def update_token_stats(input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor, segment_ids: Tensor,
+                       shared: bool) -> dict[str, int]:
+    """A micro-batch's real tokens through the backbone per forward pass, and those the shared prefix saved."""
+    c = token_counts(plan_rows(input_ids, attention_mask, target_mask, segment_ids))
+    if not shared:
+        return {"update/backbone_tokens": c["episode_tokens"], "update/prefix_tokens_saved": 0,
+                "update/prefix_fallback_episodes": 0}
+    return {"update/backbone_tokens": c["packed_tokens"], "update/prefix_tokens_saved": c["episode_tokens"] - c["packed_tokens"],
+            "update/prefix_fallback_episodes": c["fallback_episodes"]}

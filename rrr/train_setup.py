@@ -15,11 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
-from rrr import fsdp, grpo
+from rrr import fsdp, grpo, shared_prefix
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import LEAK_MODES
-from rrr.logprobs import masked_logprobs
 from rrr.tasks import Example
 from rrr.validate import check as check_settings, check_logger
 
@@ -48,6 +47,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
     if int(t.group_size) < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
+    if not isinstance(t.get("shared_prefix"), bool):
+        raise UserError(f"train.shared_prefix={t.get('shared_prefix')!r}: true (each group's prefix through the "
+                        "backbone once) or false (every episode's full sequence)")
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
     fsdp.check(cfg)
@@ -86,6 +88,8 @@ def build_policy(cfg: DictConfig):
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of model {cfg.model.name} has no pad token; set one in the model config")
+    if cfg.train.shared_prefix:
+        shared_prefix.check_model(model)     # an attention a 4D mask cannot express: refused before any step
     if cfg.train.parallel == "fsdp":
         model = fsdp.shard(model)
     return model, tokenizer
@@ -115,14 +119,15 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
     """π_ref log-probs on the loss positions: the policy the run starts from, frozen. For LoRA on a bare
     base model that is the policy with its adapters disabled (no copy); when the run starts from a
     trained adapter (`model.path` = a LoRA checkpoint) or fine-tunes fully, a frozen copy of the initial
-    model (the adapter merged in). None when β = 0: no reference is loaded or computed."""
+    model (the adapter merged in). None when β = 0: no reference is loaded or computed. Called with
+    segment_ids [B, T] it encodes each group's prefix once (`rrr.shared_prefix`), as the policy does."""
     if float(cfg.train.beta) == 0:
         return None
     chunk = int(cfg.train.logprob_chunk_size)
     if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):
-        def lora_reference(ids, attention_mask, mask, temperature=1.0):
+        def lora_reference(ids, attention_mask, mask, temperature=1.0, segment_ids=None):
             with torch.no_grad(), model.disable_adapter():
-                return masked_logprobs(model, ids, attention_mask, mask, chunk, temperature)[0]
+                return shared_prefix.update_logprobs(model, ids, attention_mask, mask, chunk, temperature, segment_ids)[0]
         return lora_reference
     if fsdp.is_sharded(model):                       # a sharded policy cannot be copied: load and shard again
         frozen = fsdp.shard(fsdp.fresh_copy(cfg).requires_grad_(False)).eval()
@@ -132,9 +137,9 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
             frozen = frozen.merge_and_unload()
         frozen = frozen.eval().requires_grad_(False)
 
-    def frozen_reference(ids, attention_mask, mask, temperature=1.0):
+    def frozen_reference(ids, attention_mask, mask, temperature=1.0, segment_ids=None):
         with torch.no_grad():
-            return masked_logprobs(frozen, ids, attention_mask, mask, chunk, temperature)[0]
+            return shared_prefix.update_logprobs(frozen, ids, attention_mask, mask, chunk, temperature, segment_ids)[0]
     return frozen_reference
 
 
@@ -173,9 +178,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.shared_prefix` (how the
+    same log-probs are computed, not which), `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     train.pop("save_every")
+    train.pop("shared_prefix", None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),

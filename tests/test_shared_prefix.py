@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rrr.config import UserError
+from rrr.config import UserError, compose
 from rrr.episode import Episode, Segment, collate
 from rrr.grpo import grpo_loss, loss_normaliser, reflection_loss_mask
 from rrr.logprobs import masked_logprobs, segment_temperatures
@@ -251,3 +251,52 @@ def test_smollm2_lora_with_checkpointing_is_exact():
     g = torch.Generator().manual_seed(11)
     b = batch_of(group(g, 0, 48, [9, 17, 4, 12], truncated={2}) + group(g, 1, 30, [6]), "left")
     assert_paths_equal(model, reference, b, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0]))
+
+
+# ----------------------------------------------------------------------------------------------- the trainer
+
+def train_config(failures, run, *extra: str):
+    # 2 groups of 4 per step, micro_batch_size 3: per episode 3 + 3 + 2 rows, shared one group per micro-batch
+    return compose(["task=countdown", "model=tiny-random", f"train.failures={failures}", f"run_dir={run}",
+                    "train.steps=2", "train.batch_queries=2", "train.group_size=4", "train.micro_batch_size=3",
+                    "train.save_every=1", "train.lr=0.01", "train.warmup_steps=1", "train.beta=0.04",
+                    "train.gradient_checkpointing=true", "log.progress=false", "log.episodes_every=1",
+                    *[f"train.sampling.{s}.max_tokens=8" for s in ("attempt1", "reflection", "attempt2")],
+                    "engine.max_logprob_diff=null", *extra])
+
+
+@pytest.mark.parametrize("finetune,weights", [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")])
+def test_trainer_with_and_without_the_shared_prefix_trains_the_same(tmp_path, failures, monkeypatch, finetune, weights):
+    import json
+
+    import trainer_fakes
+    from safetensors.torch import load_file
+
+    from rrr import trainer
+
+    trainer_fakes.install(monkeypatch, trainer)
+    runs = {shared: trainer.run(train_config(failures, tmp_path / str(shared), f"train.finetune={finetune}",
+                                             f"train.shared_prefix={str(shared).lower()}"))
+            for shared in (False, True)}
+    rows = {k: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for k, r in runs.items()}
+    assert any(r["loss"] != 0 and r["grad_norm"] > 0 for r in rows[False])            # a real gradient
+    timing = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+    for off, on in zip(rows[False], rows[True]):
+        for key in off.keys() - timing - {k for k in off if k.startswith("update/")}:
+            assert on[key] == (off[key] if off[key] is None else pytest.approx(off[key], rel=1e-5, abs=1e-7)), key
+        assert off["update/prefix_tokens_saved"] == 0 and on["update/prefix_tokens_saved"] > 0
+        assert on["update/backbone_tokens"] + on["update/prefix_tokens_saved"] == off["update/backbone_tokens"]
+    for step in ("step_00001", "final"):
+        a, b = (load_file(str(runs[k] / "checkpoints" / step / weights)) for k in (False, True))
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert diff <= 1e-4, (step, diff)     # fp32: only float summation order differs (see test_distributed)
+
+
+def test_shared_prefix_setting_is_checked_and_does_not_block_a_resume(tmp_path, failures):
+    from rrr import train_setup
+
+    with pytest.raises(UserError, match="train.shared_prefix"):
+        train_setup.validate(train_config(failures, tmp_path, "train.shared_prefix=maybe"))
+    on, off = (train_config(failures, tmp_path, f"train.shared_prefix={v}") for v in ("true", "false"))
+    assert train_setup.resume_fingerprint(on) == train_setup.resume_fingerprint(off)   # how, not what, is computed
+    assert on.train.shared_prefix is True and compose(["model=tiny-random"]).train.shared_prefix is True  # the default
