@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = "tests/test_trainer_core.py"
+SHARED = "tests/test_shared_prefix.py"
 MUTATIONS = [  # (name, file, original, mutant, tests)
     ("KL sign flipped", "rrr/grpo.py", "return pg_loss + beta * kl_loss, stats", "return pg_loss - beta * kl_loss, stats",
      [CORE + "::test_loss_is_policy_loss_plus_beta_times_kl"]),
@@ -45,6 +46,13 @@ MUTATIONS = [  # (name, file, original, mutant, tests)
      "        if False:", [CORE + "::test_stored_prompt_ids_that_differ_from_the_rebuilt_prompt_are_refused"]),
     ("no_reward ignored", "rrr/leak.py", "return torch.where(leaks & ~rewards.isnan(), torch.zeros_like(rewards), rewards)",
      "return rewards", [CORE + "::test_leak_policy_zeroes_leaking_rewards_only_under_no_reward"]),
+    ("shared prefix: suffix position ids off by one", "rrr/shared_prefix.py", "torch.arange(p, p + s), j + 1",
+     "torch.arange(p + 1, p + s + 1), j + 1", [SHARED + "::test_shared_prefix_equals_per_episode_logprobs_loss_and_gradients",
+                                              SHARED + "::test_pack_restarts_suffix_positions_at_p_and_isolates_suffixes"]),
+    ("shared prefix: a suffix attends another suffix", "rrr/shared_prefix.py",
+     "((owner[:, None, :] == 0) | (owner[:, None, :] == owner[:, :, None]))",
+     "((owner[:, None, :] >= 0) | (owner[:, None, :] == owner[:, :, None]))",
+     [SHARED + "::test_shared_prefix_equals_per_episode_logprobs_loss_and_gradients"]),
 ]
 
 
