@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from rrr.config import UserError
 from rrr.episode import Segment
-from rrr.logprobs import backbone_and_head, head_logprobs, masked_logprobs, scatter_to_mask
+from rrr.logprobs import _masked_logprobs, backbone_and_head, head_logprobs, masked_logprobs, scatter_to_mask
 
 MASKED_ATTENTION = ("eager", "sdpa")   # the attention implementations that take an arbitrary 4D mask
 
@@ -176,19 +176,22 @@ def attention_bias(attends: Tensor, implementation: str) -> Tensor:
     return torch.zeros(attends.shape).masked_fill(~attends, torch.finfo(torch.float32).min)
 
 
-def check_model(model: nn.Module) -> str:
-    """The model's attention implementation, when a custom 4D mask reproduces its attention exactly."""
+def check_model(model: nn.Module) -> tuple[str, int | None]:
+    """(attention implementation, sliding window or None) of a model whose attention a 4D mask reproduces:
+    HF drops its own mask, sliding window included, for a custom one, so a window is exact only for
+    sequences no longer than it (`_shared_masked_logprobs` falls back per episode above it)."""
     config = backbone_and_head(model)[0].config
     impl = config._attn_implementation
     if impl not in MASKED_ATTENTION:
         raise UserError(f"train.shared_prefix=true needs model.attn_implementation in {', '.join(MASKED_ATTENTION)} "
                         f"(a custom 4D attention mask), not {impl}; set train.shared_prefix=false or change it")
-    layer_types = getattr(config, "layer_types", None)
-    sliding = set(layer_types) - {"full_attention"} if layer_types else getattr(config, "sliding_window", None)
-    if sliding and getattr(config, "use_sliding_window", True):
-        raise UserError(f"train.shared_prefix=true: {type(model).__name__} has sliding-window attention "
-                        "layers, which a 4D mask would turn into full attention; set train.shared_prefix=false")
-    return impl
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        raise UserError(f"train.shared_prefix=true: {type(model).__name__} has {sorted(layer_types)} attention "
+                        "layers, which a 4D mask cannot express; set train.shared_prefix=false")
+    windowed = "sliding_attention" in layer_types if layer_types else getattr(config, "use_sliding_window", True)
+    window = getattr(config, "sliding_window", None) if windowed else None
+    return impl, int(window) if window else None
 
 
 def shared_masked_logprobs(
@@ -208,7 +211,9 @@ def _shared_masked_logprobs(model, input_ids, attention_mask, target_mask, segme
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=device).expand(input_ids.shape)
     if (temperature[target_mask] <= 0).any():
         raise ValueError("temperature must be > 0 on target tokens (greedy tokens have no log-prob to train)")
-    implementation = check_model(model)
+    implementation, window = check_model(model)
+    if window is not None and int(attention_mask.sum(-1).max()) > window:    # HF's window, per episode: exact
+        return _masked_logprobs(model, input_ids, attention_mask, target_mask, chunk_size, temperature)
     backbone, head = backbone_and_head(model)
     cpu = [x.cpu() for x in (input_ids, attention_mask, target_mask, segment_ids)]
     ids, positions, attends, index = pack(*cpu[:3], plan_rows(*cpu))

@@ -225,18 +225,37 @@ def test_micro_batches_hold_whole_groups():
 
 
 def test_attention_that_a_mask_cannot_express_is_refused():
-    from transformers import MistralConfig, MistralForCausalLM
-
     model = tiny("llama", "sdpa")
     model.config._attn_implementation = "flash_attention_2"          # takes no arbitrary 4D mask
     with pytest.raises(UserError, match="shared_prefix=false"):
         check_model(model)
-    sliding = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                               sliding_window=16, attn_implementation="sdpa"))
-    with pytest.raises(UserError, match="sliding-window"):
-        check_model(sliding)
-    assert check_model(tiny("qwen2", "eager")) == "eager"             # Qwen2's layers are all full attention
+    model.config._attn_implementation = "sdpa"
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(UserError, match="chunked_attention"):
+        check_model(model)
+    assert check_model(tiny("qwen2", "eager")) == ("eager", None)    # Qwen2's layers are all full attention
+
+
+def test_a_sliding_window_is_kept_exactly_shared_below_it_per_episode_above_it():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                             sliding_window=24, attn_implementation="sdpa"))
+    assert check_model(model) == ("sdpa", 24)
+    g = torch.Generator().manual_seed(4)
+    for prefix, within in ((10, True), (30, False)):                   # episodes of 10+6+7 and 30+6+7 tokens
+        b = batch_of(group(g, 0, prefix, [6, 4, 5]), "right")
+        assert (int(b["attention_mask"].sum(-1).max()) <= 24) == within
+        args = (b["input_ids"], b["attention_mask"], b["mask"])
+        unshared = masked_logprobs(model, *args)[0]
+        assert_relative(unshared, shared_masked_logprobs(model, *args, b["segment_ids"])[0], f"prefix {prefix}")
+        ids, positions, attends, index = pack(*args, plan_rows(*args, b["segment_ids"]))
+        hidden = model.model(input_ids=ids, attention_mask=attends, position_ids=positions).last_hidden_state
+        packed = torch.zeros_like(unshared).masked_scatter(
+            b["mask"], model.lm_head(hidden.reshape(-1, 32)[index]).log_softmax(-1).gather(-1, b["input_ids"][b["mask"]][:, None])[:, 0])
+        assert torch.allclose(packed, unshared, atol=1e-5) == within   # the packed row alone ignores the window
 
 
 @pytest.mark.slow
