@@ -90,6 +90,13 @@ def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     return ["engine.enforce_eager=false", "engine.gpu_memory_utilization=0.1", "model.dtype=float32"]
 
 
+def model_dtype(cfg) -> str:
+    """The dtype the model runs in (`auto` resolved for this machine)."""
+    from rrr.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
+
+
 def rss_gb(field: str = "VmRSS") -> float:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):

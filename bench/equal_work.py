@@ -70,6 +70,7 @@ def summarize_side(results: list[dict]) -> dict[str, Any]:
     for key in ("sampled_tokens", "tokens_per_s", "generation_s", "update_s", "truncated_reflection_share"):
         out[key] = _median([s[key] for s in steps if key in s])
     out["seq_len_max"] = max((s.get("seq_len_max", 0) for s in steps), default=0)
+    out["update_len_max"] = max((s.get("update_len_max", 0) for s in steps), default=0)
     return out
 
 
@@ -82,8 +83,12 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return summaries
 
 
-def _f(x, digits: int = 1, suffix: str = "") -> str:
-    return "–" if x is None else f"{x:,.{digits}f}{suffix}"
+def _f(x, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
 
 
 def table(rows: Sequence[tuple[str, str, dict]]) -> str:
@@ -92,10 +97,9 @@ def table(rows: Sequence[tuple[str, str, dict]]) -> str:
              "truncated reflections | generation s | update s | seq_len_max |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, label, s in rows:
-        spread = " / ".join(_f(x) for x in s["run_step_s"]) + f" ({_f(s['spread'] and 100 * s['spread'], 0, '%')})"
-        share = s["truncated_reflection_share"]
-        lines.append(f"| {task} | {label} | {_f(s['step_s'])} | {spread} | {_f(s['per_step_x'], 2)} | "
-                     f"{_f(s['sampled_tokens'], 0)} | {_f(s['tokens_per_s'], 2)} | "
-                     f"{_f(share and 100 * share, 0, '%') if share is not None else '–'} | "
-                     f"{_f(s['generation_s'])} | {_f(s['update_s'])} | {s['seq_len_max'] or '–'} |")
+        runs = " / ".join(_f(x) for x in s["run_step_s"])
+        lines.append(f"| {task} | {label} | {_f(s['step_s'])} | {runs} ({_pct(s['spread'])}) | "
+                     f"{_f(s['per_step_x'], 2)} | {_f(s['sampled_tokens'], 0)} | {_f(s['tokens_per_s'], 2)} | "
+                     f"{_pct(s['truncated_reflection_share'])} | {_f(s['generation_s'])} | {_f(s['update_s'])} | "
+                     f"{s['seq_len_max'] or '–'} |")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ It runs `rrr.trainer.run` itself (the loop `rrr train` runs); the timers wrap th
 functions wherever a loaded rrr module holds them (so the trainer split into modules changes nothing),
 and nothing in the loop changes. Per step it records the sampled tokens (reflections + retries), the
 share of truncated reflections, the longest episode (`seq_len_max`) and the longest update row
-(`update_len_max`, up to the last reflection token: what the backbone runs), and the engine config.
+(`update_len_max`, up to the last token of a reflection that ended: what the backbone runs; truncated
+reflections carry no loss), and the engine config.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.common import Timer, emit, parse_args, rrr_overrides, set_threads, summarize_steps
+from bench.common import Timer, emit, model_dtype, parse_args, rrr_overrides, set_threads, summarize_steps
 
 
 def main() -> None:
@@ -94,7 +95,9 @@ def step_record(seconds: dict[str, float], groups: Sequence[Sequence[Any]]) -> d
 
     episodes = [ep for g in groups for ep in g]
     segs = [np.asarray(ep.segment_ids) for ep in episodes]
-    reflection = [np.flatnonzero(s == Segment.REFLECTION) for s in segs]
+    # the update runs each row up to its last loss token: reflections that ended, not truncated ones
+    trained = [np.flatnonzero(s == Segment.REFLECTION) for s, ep in zip(segs, episodes)
+               if not ep.truncated.get("reflection")]
     update = seconds.get("update_s", 0.0)
     return {"generation_s": seconds.get("generation_s", 0.0), "update_s": update,
             "ref_logprobs_s": seconds.get("ref_s", 0.0), "fwd_bwd_opt_s": update - seconds.get("ref_s", 0.0),
@@ -103,7 +106,7 @@ def step_record(seconds: dict[str, float], groups: Sequence[Sequence[Any]]) -> d
             "truncated_reflection_share": float(np.mean([bool(ep.truncated.get("reflection")) for ep in episodes]))
             if episodes else 0.0,
             "seq_len_max": max((len(ep.token_ids) for ep in episodes), default=0),
-            "update_len_max": max((int(r[-1]) + 1 for r in reflection if len(r)), default=0)}
+            "update_len_max": max((int(r[-1]) + 1 for r in trained if len(r)), default=0)}
 
 
 def finish_record(s: dict[str, float], row: dict[str, Any]) -> None:
@@ -126,7 +129,7 @@ def engine_config(cfg) -> dict[str, Any]:
     return {**engine, "compiled": bool(vllm and not engine.get("enforce_eager", False)),
             "lora_sync": engine.get("lora_sync") if vllm else
             ("merged per generate call" if engine.get("merge_lora", True) else "peft unmerged (shared model)"),
-            "shared_prefix": cfg.train.get("shared_prefix"), "model_dtype": str(cfg.model.dtype),
+            "shared_prefix": cfg.train.get("shared_prefix"), "model_dtype": model_dtype(cfg),
             "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),
             "micro_batch_size": int(cfg.train.micro_batch_size)}
 

@@ -365,8 +365,9 @@ def targets(results: dict):
          lambda v: v >= 0.9),
         ("engine=vllm rollout ÷ engine=hf ≥ 1.5", _ratio(_m(ro.get("engine=vllm"), "tokens_per_s"), hf_ro),
          lambda v: v >= 1.5),
-        (f"peak RSS of a LoRA step ≤ {limit} GB", mem if limit else None, lambda v: v <= limit),
     ]
+    if limit:
+        out.append((f"peak RSS of a LoRA step ≤ {limit} GB", mem, lambda v: v <= limit))
     return out
 
 

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from bench.common import DEFAULTS, Timer, emit, parse_args, set_threads, summarize_steps
+from bench.common import DEFAULTS, Timer, emit, model_dtype, parse_args, set_threads, summarize_steps
 from bench.workload import attempt1, hf_generate, load_workload, reflection_prompts, retry_prompt
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     trainer.train()
     emit({"system": SYSTEMS[a["mode"]], "args": a, **summarize_steps(steps),
           "engine_config": {"name": "transformers model.generate (in the rollout_func)", "compiled": False,
-                            "lora_sync": "peft unmerged (shared model)", "model_dtype": str(cfg.model.dtype),
+                            "lora_sync": "peft unmerged (shared model)", "model_dtype": model_dtype(cfg),
                             "gradient_checkpointing": False, "micro_batch_size": G,
                             "completion": {"r3": "reflection", "r3_full": "reflection · retry prompt · retry",
                                            "plain": "completion"}[a["mode"]]}})

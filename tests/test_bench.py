@@ -199,7 +199,9 @@ def test_rrr_step_record_counts_sampled_tokens_truncation_and_lengths():
                    truncated={"reflection": True, "attempt2": True})]
     s = rrr_train.step_record({"generation_s": 4.0, "update_s": 6.0, "ref_s": 1.5}, [eps])
     assert (s["sampled_tokens"], s["reflections"], s["truncated_reflection_share"]) == (3 + 2 + 1 + 2, 2, 0.5)
-    assert (s["seq_len_max"], s["update_len_max"]) == (8, 5)       # update rows end at the last reflection token
+    assert (s["seq_len_max"], s["update_len_max"]) == (8, 5)       # rows end at the last token of an ended reflection
+    eps[0].truncated["reflection"] = True
+    assert rrr_train.step_record({}, [eps])["update_len_max"] == 0            # truncated: no loss, no update row
     assert (s["generation_s"], s["update_s"], s["ref_logprobs_s"], s["fwd_bwd_opt_s"]) == (4.0, 6.0, 1.5, 4.5)
     rrr_train.finish_record(s, {"step_time_s": 11.0, "reward_mean": 0.5})
     assert s["other_s"] == 1.0 and s["tokens_per_s"] == 8 / 11.0
