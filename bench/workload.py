@@ -15,11 +15,8 @@ import torch
 def load_workload(a: dict[str, Any]):
     """(cfg, examples, stored attempts) of the failure set `a['failures']`, first `a['queries']` queries."""
     from rrr.config import compose
+    from rrr.failure_set import load_failure_set
     from bench.common import rrr_overrides
-    try:
-        from rrr.failure_set import load_failure_set
-    except ImportError:                                  # before the trainer split
-        from rrr.trainer import load_failure_set
 
     cfg = compose([*rrr_overrides(a), f"train.failures={a['failures']}"])
     examples, stored = load_failure_set(a["failures"], 0.0, 1.0)
