@@ -77,6 +77,9 @@ def task_args(parsed: dict, given: set[str], task: str) -> dict:
 
 
 def run_task(a: dict) -> dict:
+    if a["steps"] < 2:
+        raise SystemExit(f"error: steps={a['steps']}: a run's first step is its warm-up; steps=4 (the default) "
+                         "gives the 3 timed steps the equal-work figures need")
     parts = a["parts"].split(",")
     if "train" in parts or "trl_r3" in parts:            # the names of these parts before equal_work
         parts.append("equal_work")

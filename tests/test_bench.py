@@ -290,6 +290,11 @@ def test_main_with_both_tasks_prints_one_equal_work_table(monkeypatch, capsys):
         run.main(["task=chess"])
 
 
+def test_a_run_needs_a_timed_step_after_its_warm_up():
+    with pytest.raises(SystemExit, match="steps=1: a run's first step is its warm-up"):
+        run.run_task({**run.task_args(run.RUN_DEFAULTS, set(), "countdown"), "steps": 1})
+
+
 def test_trim_failures_keeps_the_first_n_failed_queries(tmp_path, failures):
     from rrr.failures import load_failures
 
