@@ -48,8 +48,10 @@ SHARED = [k for k in DEFAULTS if k not in ("engine", "failures")]
 # side -> (worker module, its arguments, label)
 SIDES = {
     "rrr_hf": ("bench.rrr_train", {"engine": "hf"}, "rrr train, engine=hf"),
-    "rrr_hf_unshared": ("bench.rrr_train", {"engine": "hf", "shared_prefix": "false"},
+    "rrr_hf_unshared": ("bench.rrr_train", {"engine": "hf", "rrr_args": "train.shared_prefix=false"},
                         "rrr train, engine=hf, train.shared_prefix=false"),
+    "rrr_hf_unmerged": ("bench.rrr_train", {"engine": "hf", "rrr_args": "engine.merge_lora=false"},
+                        "rrr train, engine=hf, engine.merge_lora=false"),          # not a default side
     "rrr_vllm": ("bench.rrr_train", {"engine": "vllm"}, "rrr train, engine=vllm"),
     "trl_r3": ("bench.trl_grpo", {"engine": "hf", "mode": "r3"}, "TRL GRPOTrainer R3, completion = reflection"),
     "trl_r3_full": ("bench.trl_grpo", {"engine": "hf", "mode": "r3_full"},
@@ -169,10 +171,9 @@ def sides_of(a: dict, vllm_py: str | None, notes: list[str]) -> tuple[list[str],
 def side_args(side: str, a: dict, ctx: list[str]) -> list[str]:
     """A side's worker arguments: the shared workload, then the side's own settings."""
     _, own, _ = SIDES[side]
-    args = [*ctx, *(f"{k}={v}" for k, v in own.items() if k != "shared_prefix")]
-    if "shared_prefix" in own:         # after ctx's rrr_args=…: the later key=value wins, the user's args kept
-        extra = f"train.shared_prefix={own['shared_prefix']}"
-        args.append("rrr_args=" + " ".join(x for x in (a["rrr_args"], extra) if x))
+    args = [*ctx, *(f"{k}={v}" for k, v in own.items() if k != "rrr_args")]
+    if "rrr_args" in own:              # after ctx's rrr_args=…: the later key=value wins, the user's args kept
+        args.append("rrr_args=" + " ".join(x for x in (a["rrr_args"], own["rrr_args"]) if x))
     return args
 
 

@@ -257,6 +257,9 @@ def test_the_unshared_row_waits_for_the_shared_prefix_key(monkeypatch):
     assert sides == ["rrr_hf", "rrr_hf_unshared", "trl_r3", "rrr_vllm"]
     with pytest.raises(SystemExit, match="not one of"):
         run.sides_of({**run.task_args(run.RUN_DEFAULTS, set(), "countdown"), "sides": "rrr"}, None, [])
+    a = {**run.task_args(run.RUN_DEFAULTS, set(), "countdown"), "rrr_args": ""}
+    assert run.side_args("rrr_hf_unmerged", a, ["failures=f"]) == ["failures=f", "engine=hf",
+                                                                    "rrr_args=engine.merge_lora=false"]
 
 
 def test_shared_prefix_key_check_reads_the_train_defaults():
