@@ -12,7 +12,7 @@ from rrr.episode import Episode, Segment, collate
 from rrr.grpo import grpo_loss, loss_normaliser, reflection_loss_mask
 from rrr.logprobs import masked_logprobs, segment_temperatures
 from rrr.shared_prefix import (check_model, pack, plan_rows, prefix_groups, shared_masked_logprobs, shared_prefix_len,
-                               token_counts, whole_group_micro_batches)
+                               token_counts, update_micro_batches, whole_group_micro_batches)
 
 torch.set_num_threads(1)
 VOCAB = 100
@@ -222,6 +222,16 @@ def test_micro_batches_hold_whole_groups():
     assert whole_group_micro_batches(groups, 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
     assert whole_group_micro_batches(groups, 1) == groups
     assert whole_group_micro_batches(groups, 100) == [list(range(11))]
+
+
+def test_update_micro_batches_keep_groups_whole_only_when_shared():
+    b = batch_of(mixed_episodes(), "right")                 # groups of 8, 3, 1, 2 episodes, in that order
+    args = (b["input_ids"], b["attention_mask"], b["segment_ids"])
+    shared = [mb.tolist() for mb in update_micro_batches(*args, 4, shared=True)]
+    assert shared == [list(range(8)), [8, 9, 10, 11], [12, 13]]
+    assert [mb.tolist() for mb in update_micro_batches(*args, 4, shared=False)] == \
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    assert update_micro_batches(*(x[:0] for x in args), 4, shared=True) == []
 
 
 def test_attention_that_a_mask_cannot_express_is_refused():
