@@ -283,7 +283,7 @@ def validate(cfg: DictConfig) -> Path:
 
 def check_prompts(tokenizer, task, examples, stored, prompts_cfg, run: str) -> None:
     """The trainer's check: a stored attempt 1 must continue the very prompt rebuilt now."""
-    from rrr.trainer import check_stored_prompts
+    from rrr.failure_set import check_stored_prompts
 
     check_stored_prompts(tokenizer, task, examples, stored, prompts_cfg, run)
 
