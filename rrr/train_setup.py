@@ -30,7 +30,7 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.train
     check_settings(cfg, COMMAND)
     check_logger(cfg)
-    choices = {"finetune": ("lora", "full"), "attempt1": ("stored", "online"), "zero_std": ("keep", "skip", "resample"),
+    choices = {"finetune": ("lora", "full"), "attempt1": ("stored", "online"), "zero_std": ("keep", "skip", "resample", "dynamic"),
                "lr_schedule": ("cosine", "constant"), "kl_estimator": ("k1", "k3"),
                "scale_rewards": ("group", "none"), "loss_agg": grpo.LOSS_AGGREGATIONS,
                "is_correction": grpo.IS_CORRECTIONS}
@@ -46,6 +46,12 @@ def validate(cfg: DictConfig) -> None:
         mmap_mb = -1.0
     if not mmap_mb >= 0:
         raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
+    if t.zero_std == "dynamic" and int(t.max_draws) < 1:
+        raise UserError(f"train.max_draws={t.max_draws}: dynamic sampling needs at least one draw a step (e.g. 4)")
+    buffer, cap = int(t.overlong_buffer), int(t.sampling.reflection.max_tokens)
+    if not 0 <= buffer <= cap or float(t.overlong_penalty) < 0:
+        raise UserError(f"train.overlong_buffer={buffer} must lie in [0, train.sampling.reflection.max_tokens="
+                        f"{cap}] and train.overlong_penalty={t.overlong_penalty} be >= 0 (0 buffer = off)")
     if int(t.group_size) < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
     if t.parallel not in ("ddp", "fsdp"):

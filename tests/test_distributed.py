@@ -20,7 +20,7 @@ from rrr.runs import unlock_run_dir
 from rrr.config import compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
 # max |w_1 − w_2| after 4 steps, fp32: only the order of float sums differs (micro-batches and the
 # all-reduce), and Adam's m/√v turns a rounding difference in a near-zero gradient entry into a visible
 # update difference; measured 8e-6 at lr 0.01, where steps 3-4 alone move weights by ~1e-2.
