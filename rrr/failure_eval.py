@@ -368,3 +368,26 @@ def compare_dirs(vanilla_dir: str | Path, trained_dir: str | Path, n_boot: int =
             raise UserError(f"the two failure-eval runs differ in {key}; paired comparison needs the same")
     frames = [pd.read_parquet(Path(d) / "results.parquet") for d in (vanilla_dir, trained_dir)]
     return compare_runs(*frames, n_boot=n_boot, seed=fps[0]["seed"])
+
+
+def write_comparison(vanilla_dir: str | Path, trained_dir: str | Path, out: str | Path) -> list[str]:
+    """compare_dirs → `out/failure_eval.json` and `out/failure_eval.md`; returns the report lines. (The
+    `rrr compare` report carries these lines first once the report package takes failure-eval runs.)"""
+    comparison = compare_dirs(vanilla_dir, trained_dir)
+    lines = report_lines(comparison)
+    out = Path(out)
+    atomic_write_json(out / "failure_eval.json", {"vanilla": str(vanilla_dir), "trained": str(trained_dir),
+                                                  **comparison})
+    from rrr.runs import atomic_write_text
+
+    atomic_write_text(out / "failure_eval.md", "\n".join(["```", *lines, "```", ""]))
+    return lines
+
+
+if __name__ == "__main__":      # python -m rrr.failure_eval VANILLA_RUN TRAINED_RUN OUT_DIR
+    import sys
+
+    try:
+        print("\n".join(write_comparison(*sys.argv[1:4])))
+    except (UserError, TypeError) as e:
+        sys.exit(f"error: {e}\nusage: python -m rrr.failure_eval VANILLA_RUN TRAINED_RUN OUT_DIR")

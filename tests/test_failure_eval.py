@@ -110,6 +110,10 @@ def test_vanilla_and_trained_see_the_same_failures_and_seeds(fake, tmp_path):
     head = comparison["headline"][0]
     assert (head["a"], head["b"], head["delta"], head["n"]) == ("trained reflection", "vanilla reflection", 0.0, 3)
     assert len(fake.checked) == 2           # each run checked the stored prompts against the rebuilt ones
+    lines = fe.write_comparison(vanilla, trained, tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "failure_eval.json").read_text())
+    assert saved["n_failures"] == 3 and saved["vanilla"] == str(vanilla)
+    assert (tmp_path / "report" / "failure_eval.md").read_text().splitlines()[1] == lines[0]
 
 
 def test_resume_after_a_crash_repeats_no_failure(fake, tmp_path):
@@ -182,6 +186,15 @@ def test_compare_runs_drops_unscorable_failures_and_says_shown_only_when_ci_excl
     assert "(shown; n = 3)" in fe.report_lines(c)[3]
     same = fe.compare_runs(vanilla, vanilla, n_boot=200)
     assert "(not shown; n = 3)" in fe.report_lines(same)[3]
+
+
+def test_compare_dirs_refuses_runs_that_are_not_paired(fake, tmp_path):
+    a = fe.run(cfg_for(fake, tmp_path / "a"))
+    b = fe.run(cfg_for(fake, tmp_path / "b", "eval.reflections_per_failure=2"))
+    with pytest.raises(UserError, match="differ in R"):
+        fe.compare_dirs(a, b)
+    with pytest.raises(UserError, match="not a failure-eval run"):
+        fe.compare_dirs(a, fake.failures)
 
 
 def test_compare_runs_refuses_different_failures():
