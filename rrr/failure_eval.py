@@ -200,21 +200,23 @@ def compare_runs(vanilla: pd.DataFrame, trained: pd.DataFrame, n_boot: int = 200
     both = vanilla.merge(trained, on="pair_id", suffixes=("@vanilla", "@trained"))
     clusters = both["example_id@vanilla"].to_numpy()
     runs = {"vanilla": vanilla, "trained": trained}
-    conditions = [c for c in (METHOD, "retry_no_reflection", "best_of_2", "generic_reflection")
-                  if f"{c}_fix_rate" in vanilla and f"{c}_fix_rate" in trained]
+    # each run may carry other controls (the reflection arm and its seeds do not depend on them)
+    have = {m: [c for c in (METHOD, "retry_no_reflection", "best_of_2", "generic_reflection")
+                if f"{c}_fix_rate" in df] for m, df in runs.items()}
 
     def col(model: str, condition: str) -> np.ndarray:
-        return both[f"{condition}_fix_rate@{model}"].to_numpy(float)
+        name = f"{condition}_fix_rate"
+        return both[name if name in both else f"{name}@{model}"].to_numpy(float)
 
     return {
         "n_failures": len(both), "n_queries": int(len(set(clusters))),
-        "fix_rate": {m: {c: rate(df[f"{c}_fix_rate"], df.example_id, n_boot, seed) for c in conditions}
+        "fix_rate": {m: {c: rate(df[f"{c}_fix_rate"], df.example_id, n_boot, seed) for c in have[m]}
                      for m, df in runs.items()},
         "headline": [{"a": f"{ma} {ca}", "b": f"{mb} {cb}",
                       **paired_delta(col(ma, ca), col(mb, cb), clusters, n_boot, seed)}
-                     for ma, ca, mb, cb in HEADLINE if ca in conditions and cb in conditions],
+                     for ma, ca, mb, cb in HEADLINE if ca in have[ma] and cb in have[mb]],
         "trained_minus_vanilla": {c: paired_delta(col("trained", c), col("vanilla", c), clusters, n_boot, seed)
-                                  for c in conditions},
+                                  for c in have["vanilla"] if c in have["trained"]},
     }
 
 

@@ -197,6 +197,19 @@ def test_compare_dirs_refuses_runs_that_are_not_paired(fake, tmp_path):
         fe.compare_dirs(a, fake.failures)
 
 
+def test_each_run_may_carry_only_the_controls_its_comparisons_need():
+    queries = ["a", "b", "c"]
+    vanilla = frame({"reflection": [0.0, 0.25, 0.5], "best_of_2": [0.5, 0.5, 0.5]}, queries)
+    trained = frame({"reflection": [0.5, 0.5, 0.5], "retry_no_reflection": [0.25, 0.25, 0.25]}, queries)
+    c = fe.compare_runs(vanilla, trained, n_boot=100)
+    assert [(h["a"], h["b"]) for h in c["headline"]] == [
+        ("trained reflection", "vanilla reflection"), ("trained reflection", "trained retry_no_reflection"),
+        ("trained reflection", "vanilla best_of_2")]
+    assert [h["delta"] for h in c["headline"]] == pytest.approx([0.25, 0.25, 0.0])
+    assert list(c["trained_minus_vanilla"]) == ["reflection"]
+    assert list(c["fix_rate"]["trained"]) == ["reflection", "retry_no_reflection"]
+
+
 def test_compare_runs_refuses_different_failures():
     with pytest.raises(UserError, match="different failures"):
         fe.compare_runs(frame({"reflection": [0.0]}, ["a"]), frame({"reflection": [0.0]}, ["b"]))
