@@ -217,6 +217,9 @@ def compare_runs(vanilla: pd.DataFrame, trained: pd.DataFrame, n_boot: int = 200
                      for ma, ca, mb, cb in HEADLINE if ca in have[ma] and cb in have[mb]],
         "trained_minus_vanilla": {c: paired_delta(col("trained", c), col("vanilla", c), clusters, n_boot, seed)
                                   for c in have["vanilla"] if c in have["trained"]},
+        # the leaderboard-format fix rates beside the lenient ones (tasks with a strict format)
+        "strict_fix_rate": {m: {c: rate(df[f"{c}_strict_fix_rate"], df.example_id, n_boot, seed)["mean"]
+                                for c in have[m] if f"{c}_strict_fix_rate" in df} for m, df in runs.items()},
     }
 
 
@@ -233,6 +236,10 @@ def report_lines(comparison: dict[str, Any]) -> list[str]:
         lines.append(f"  {model:8s} " + "  ".join(f"{k.replace('_', ' ')} {_pp(v['mean'])} "
                                                    f"[{_pp(v['ci'][0])}, {_pp(v['ci'][1])}]"
                                                    for k, v in rates.items()))
+    for model, rates in c.get("strict_fix_rate", {}).items():
+        if rates:
+            lines.append(f"  {model:8s} strict (leaderboard format): " + "  ".join(
+                f"{k.replace('_', ' ')} {_pp(v)}" for k, v in rates.items()))
     for h in c["headline"]:
         shown = h["ci"][0] is not None and (h["ci"][0] > 0 or h["ci"][1] < 0)
         lines.append(f"  {h['a']} − {h['b']}: {_pp(h['delta'], True)} [{_pp(h['ci'][0], True)}, "

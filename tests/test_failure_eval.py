@@ -174,6 +174,16 @@ def test_compare_runs_headline_deltas_and_mde():
     assert "vanilla" in lines[1] and "reflection 20.0" in lines[1]
     assert lines[3].startswith("  trained reflection − vanilla reflection: +20.0 [")
     assert f"MDE {100 * primary['mde']:.1f}" in lines[3]
+    assert not any("strict" in line for line in lines)                      # no strict columns, no line
+
+
+def test_report_carries_the_strict_fix_rates_beside_the_lenient_ones():
+    v = frame({"reflection": [0.5, 0.0]}, ["a", "b"]).assign(reflection_strict_fix_rate=[0.25, 0.0])
+    t = frame({"reflection": [0.5, 0.5]}, ["a", "b"]).assign(reflection_strict_fix_rate=[0.5, 0.0])
+    lines = fe.report_lines(fe.compare_runs(v, t, n_boot=50))
+    assert lines[3] == "  vanilla  strict (leaderboard format): reflection 12.5"
+    assert lines[4] == "  trained  strict (leaderboard format): reflection 25.0"
+    assert lines[5].startswith("  trained reflection − vanilla reflection: +25.0")
 
 
 def test_compare_runs_drops_unscorable_failures_and_says_shown_only_when_ci_excludes_zero():
