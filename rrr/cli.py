@@ -78,6 +78,12 @@ def evaluate(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -
     _run("evaluate", overrides, cfg)
 
 
+@app.command("failure-eval", context_settings=EXTRA)
+def failure_eval(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """R reflections -> retries per held-out failure (eval.failures=RUN_DIR of collect-failures on the test split), with controls."""
+    _run("failure_eval", overrides, cfg)
+
+
 @app.command(context_settings=EXTRA)
 def benchmark(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
     """The forgetting check: lm-eval-harness tasks (bench.tasks) on the model, adapter applied."""

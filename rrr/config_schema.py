@@ -44,7 +44,8 @@ class Attempt1(Choice):
 class ZeroStd(Choice):
     keep = "keep"
     skip = "skip"
-    resample = "resample"
+    resample = "resample"    # re-draw the same query's group
+    dynamic = "dynamic"      # draw further failed queries until the step holds its mixed groups (DAPO)
 
 
 class LrSchedule(Choice):
@@ -122,6 +123,9 @@ class TrainConfig:
     loss_agg: LossAgg = MISSING
     zero_std: ZeroStd = MISSING
     resample_tries: int = MISSING
+    max_draws: int = MISSING
+    overlong_buffer: int = MISSING
+    overlong_penalty: float = MISSING
     leak: Leak = MISSING
     min_pass_rate: float = MISSING
     max_pass_rate: float = MISSING

@@ -26,7 +26,7 @@ from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, 
                       data_sha256, done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_manifest, read_parts,
                       sampling_params, throughput, update_manifest, write_part, write_run_files)
 from rrr.validate import check as check_settings
-from rrr.tasks import Example, get_task
+from rrr.tasks import Example, excluded_ids, get_task
 from rrr.verifiers import VERIFIER_VERSION
 
 COMMAND = "collect-failures"
@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> Path:
         "verifier_version": VERIFIER_VERSION,
         "split": cfg.data.split,
         "examples": len(examples),
+        "excluded_examples": excluded_ids(task, cfg.task, cfg.data.split),
         "examples_sha256": examples_sha256(examples),
         "data_sha256": data_sha256(examples),
     })

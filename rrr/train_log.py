@@ -38,7 +38,7 @@ def rollout_stats(groups: Sequence[Sequence[Any]], rewards: torch.Tensor) -> dic
 
 def step_metrics(step: int, task, queries, groups, rewards: torch.Tensor, advantages: torch.Tensor,
                  update: dict[str, float], zero_std: torch.Tensor, attempt1: dict[str, Any], verifier,
-                 *, lr: float, gen_s: float, sync_s: float, t0: float):
+                 *, lr: float, gen_s: float, sync_s: float, t0: float, draws: int = 1):
     """The step's metrics row over all ranks, and every rank's (queries, groups, rewards, advantages) in
     single-process order. All collectives of the row happen here, in the same order on every rank;
     `update` is already global (policy_update reduces its totals)."""
@@ -46,13 +46,16 @@ def step_metrics(step: int, task, queries, groups, rewards: torch.Tensor, advant
 
     queries, groups, rewards, advantages = gather_groups(queries, groups, rewards, advantages)
     frac_zero_std = zero_std.float().mean().item() if len(zero_std) else 0.0
-    row = {"step": step, **update, **rollout_stats(groups, rewards),
+    gen_max = dist.all_reduce_max(gen_s)
+    stats = rollout_stats(groups, rewards)
+    row = {"step": step, **update, **stats, "draws": draws,
+           "mixed_groups_per_gen_s": stats["mixed_groups"] / max(gen_max, 1e-9),
            "frac_zero_std": dist.mean(frac_zero_std, len(zero_std)),
            "reflection_leak": leak_share(leak_flags(task, queries, groups)),
            "attempt1_pass_rate": dist.mean(attempt1["attempt1_pass_rate"], attempt1["scored_attempt1"]),
            "unscorable_attempt1": int(dist.all_reduce_sum(float(attempt1["unscorable_attempt1"]))),
            "verifier_errors": int(dist.all_reduce_sum(float(verifier.unscorable))), "lr": lr,
-           "gen_tokens_per_s": generated_tokens(groups) / max(dist.all_reduce_max(gen_s), 1e-9),
+           "gen_tokens_per_s": generated_tokens(groups) / max(gen_max, 1e-9),
            "sync/logprob_diff": update["sampler_logp_diff"], "sync/load_s": dist.all_reduce_max(sync_s),
            "peak_rss_gb": dist.all_reduce_max(peak_rss_gb())}
     row["step_time_s"] = time.time() - t0

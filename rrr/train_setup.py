@@ -34,6 +34,12 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"train.{key} must be >= 1")
     if not t.malloc_mmap_threshold_mb >= 0:
         raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
+    if t.zero_std == "dynamic" and t.max_draws < 1:
+        raise UserError(f"train.max_draws={t.max_draws}: dynamic sampling needs at least one draw a step (e.g. 4)")
+    buffer, cap = t.overlong_buffer, t.sampling.reflection.max_tokens
+    if not 0 <= buffer <= cap or t.overlong_penalty < 0:
+        raise UserError(f"train.overlong_buffer={buffer} must lie in [0, train.sampling.reflection.max_tokens="
+                        f"{cap}] and train.overlong_penalty={t.overlong_penalty} be >= 0 (0 buffer = off)")
     if t.group_size < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
     fsdp.check(cfg)

@@ -5,7 +5,9 @@ One step of Reflect, Retry, Reward (paper §3; DESIGN.md "GRPO on reflections"):
      (stored in the failure set, or sampled online: a passing attempt 1 ends that episode);
   2. REFLECT: G = `train.group_size` reflections per failed attempt; RETRY: one attempt 2 per reflection;
   3. REWARD: r = verify(attempt 2) ∈ {0, 1} (unscorable = NaN); group-normalised advantages;
-     zero-variance groups are counted and kept, skipped or re-sampled (`train.zero_std`);
+     zero-variance groups are counted and kept, skipped, re-sampled, or replaced by further failed
+     queries until the step holds `batch_queries` mixed groups (`train.zero_std=dynamic`, DAPO);
+     an optional overlong penalty on reflections near the cap (`train.overlong_buffer`, DAPO);
   4. UPDATE: one on-policy PPO-clip step (ρ = 1 in value) with β·KL to the reference on reflection
      tokens only, gradient accumulation over micro-batches, grad clipping, AdamW, warm-up + schedule.
 The loop is `run()`; below it, the algorithm's pieces and `policy_update`. Plumbing lives beside it:
@@ -111,18 +113,23 @@ def run(cfg: DictConfig) -> Path:
     for step in range(start + 1, t.steps + 1):
         t0 = time.time()
         # ----------------------------------------------------------------- ALGO: reflect, retry, reward
-        batch = dist.shard(cursor.draw(t.batch_queries))   # this rank's share, in single-process order
-        queries, ctx = [examples[i] for i in batch], ctx.for_step()
-        attempts1, attempt1_stats = first_attempts(ctx, t.attempt1, queries, [stored[i] for i in batch], step)
-        failed = [i for i, a in enumerate(attempts1) if a is not None]     # online: a pass ends the episode
-        queries, attempts1 = [queries[i] for i in failed], [attempts1[i] for i in failed]
-        groups = reflect_retry(ctx, queries, attempts1, step)
-        rewards = group_scores(ctx, queries, groups)                            # [Q, G], NaN = unscorable
+        ctx = ctx.for_step()
+        if t.zero_std == "dynamic":       # draw further failed queries until batch_queries groups are mixed
+            queries, attempts1, groups, rewards, attempt1_stats, draws = dynamic_sampling(
+                ctx, cursor, examples, stored, t.attempt1, t.batch_queries, t.max_draws, step)
+        else:
+            batch = dist.shard(cursor.draw(t.batch_queries))   # this rank's share, in single-process order
+            queries, attempts1, groups, rewards, attempt1_stats = rollout_groups(
+                ctx, t.attempt1, [examples[i] for i in batch], [stored[i] for i in batch], step)
+            draws = 1
         zero_std = grpo.zero_std_groups(rewards)                                # [Q]
         if t.zero_std == "resample":
             groups, rewards = resample_zero_std(ctx, queries, attempts1, step, groups, rewards, t.resample_tries)
-        advantages = grpo.group_advantages(rewards, t.scale_rewards)           # [Q, G]
-        keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample") else \
+        # advantages from the reward minus the reflection-length penalty; "mixed" stays the verifier's
+        shaped = rewards - length_penalty(groups, ctx.group_size, t.sampling.reflection.max_tokens,
+                                          t.overlong_buffer, t.overlong_penalty)   # [Q, G]
+        advantages = grpo.group_advantages(shaped, t.scale_rewards)            # [Q, G]
+        keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample", "dynamic") else \
             torch.ones(len(groups), dtype=torch.bool)
         gen_s = time.time() - t0
 
@@ -137,7 +144,7 @@ def run(cfg: DictConfig) -> Path:
         # ----------------------------------------------------------------- logging and checkpoints
         row, (queries, groups, rewards, advantages) = step_metrics(
             step, task, queries, groups, rewards, advantages, update, zero_std, attempt1_stats, ctx.stats,
-            lr=lr, gen_s=gen_s, sync_s=sync_s, t0=t0)
+            lr=lr, gen_s=gen_s, sync_s=sync_s, t0=t0, draws=draws)
         if dist.is_main():
             metrics.write(row)
             logger(row)
@@ -183,6 +190,63 @@ def first_attempts(ctx: Rollouts, mode: str, queries: Sequence[Example], stored:
             for a in online], {"attempt1_pass_rate": float(np.mean(scored)) if scored else None,
                                "unscorable_attempt1": len(online) - len(scored),
                                "scored_attempt1": len(scored)}
+
+
+def rollout_groups(ctx: Rollouts, mode: str, queries: Sequence[Example], stored: Sequence[dict], step: int):
+    """Attempt 1, then G reflections → retries for the failed ones: (queries with a group, their attempts 1,
+    [Q][G] episodes, [Q, G] rewards (NaN = unscorable), attempt-1 statistics)."""
+    attempts1, attempt1_stats = first_attempts(ctx, mode, queries, stored, step)
+    failed = [i for i, a in enumerate(attempts1) if a is not None]           # online: a pass ends the episode
+    queries, attempts1 = [queries[i] for i in failed], [attempts1[i] for i in failed]
+    groups = reflect_retry(ctx, queries, attempts1, step)
+    return queries, attempts1, groups, group_scores(ctx, queries, groups), attempt1_stats
+
+
+def dynamic_sampling(ctx: Rollouts, cursor: FailureCursor, examples: Sequence[Example], stored: Sequence[dict],
+                     mode: str, want: int, max_draws: int, step: int):
+    """DAPO's dynamic sampling over failed queries: draw `want` queries (weighted by the cursor's per-query
+    mixing statistics), roll them out, keep drawing *other* queries for the groups still missing, until
+    `want` groups have reward variance or `max_draws` draws are spent. Every drawn group is returned
+    (the caller trains on the mixed ones); each query comes at most once a step, so its seeds stay
+    (seed, step, query). Every rank records every group, so the cursor stays the same on all ranks.
+    Returns (queries, attempts1, groups, rewards [Q, G], attempt-1 statistics, draws)."""
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    stats, taken, mixed_total, draws = [], [], 0, 0
+    while mixed_total < want and draws < max_draws:
+        picked = cursor.draw_weighted(want - mixed_total, exclude=taken)       # the same on every rank
+        draws += 1
+        if not picked:
+            break
+        taken += picked
+        mine = dist.shard(picked)
+        queries, attempts1, groups, rewards, attempt1_stats = rollout_groups(
+            ctx, mode, [examples[i] for i in mine], [stored[i] for i in mine], step)
+        mixed = dict(zip((q.id for q in queries), (~grpo.zero_std_groups(rewards)).tolist()))
+        for index, is_mixed in dist.gather([(i, mixed.get(examples[i].id, False)) for i in mine]):
+            cursor.record(index, is_mixed)     # an online pass has no group: a try that did not mix
+            mixed_total += int(is_mixed)
+        for acc, part in zip(out, (queries, attempts1, groups, [rewards])):
+            acc.extend(part)
+        stats.append(attempt1_stats)
+    rewards = torch.cat(out[3]) if out[3] else torch.zeros((0, ctx.group_size))
+    return out[0], out[1], out[2], rewards, merge_attempt1_stats(stats), draws
+
+
+def merge_attempt1_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Attempt-1 statistics of several draws: pass rate weighted by scored attempts, counts summed."""
+    scored = sum(p["scored_attempt1"] for p in parts)
+    passed = sum((p["attempt1_pass_rate"] or 0.0) * p["scored_attempt1"] for p in parts)
+    return {"attempt1_pass_rate": passed / scored if scored else None, "scored_attempt1": scored,
+            "unscorable_attempt1": sum(p["unscorable_attempt1"] for p in parts)}
+
+
+def length_penalty(groups: Sequence[Sequence[Episode]], group_size: int, max_tokens: int, buffer: int,
+                   factor: float) -> torch.Tensor:
+    """[Q, G] overlong penalty of each group's reflections (grpo.overlong_penalty; zeros when off)."""
+    lengths = torch.tensor([[ep.reflection_length for ep in g] for g in groups], dtype=torch.float32)
+    truncated = torch.tensor([[bool(ep.truncated.get("reflection", False)) for ep in g] for g in groups])
+    shape = (len(groups), group_size)
+    return grpo.overlong_penalty(lengths.reshape(shape), truncated.reshape(shape), max_tokens, buffer, factor)
 
 
 def stored_attempt(stored: dict, example: Example, seed: int, step: int) -> FailedAttempt:

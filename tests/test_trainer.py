@@ -21,7 +21,7 @@ from rrr.checkpoint import COMPLETE, latest_checkpoint
 from rrr.config import UserError, compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
 
 
 def rollouts(cfg, engine, tokenizer, task=None) -> trainer.Rollouts:
