@@ -60,7 +60,7 @@ def load_bench_run(path: Path) -> BenchRun:
 
 
 def name_runs(runs: list[BenchRun]) -> list[BenchRun]:
-    """Model by model in the order given, vanilla before trained; tags unique (as rrr.compare does)."""
+    """Model by model in the order given, vanilla before trained; tags unique (as rrr.report.checks.name_runs does)."""
     first = {m: i for i, m in reversed(list(enumerate(r.model for r in runs)))}
     runs = sorted(runs, key=lambda r: (first[r.model], {"vanilla": 0, "trained": 1}.get(r.label, 2)))
     counts = pd.Series([(r.model, r.label) for r in runs]).value_counts()

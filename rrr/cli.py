@@ -95,7 +95,7 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or ben
             out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md"),
             note: str = typer.Option("", "--note", help="a sentence printed and put at the top of report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""
-    from rrr.compare import run as compare_run
+    from rrr.report import run as compare_run
     try:
         compare_run([Path(r) for r in run_dirs], out, note=note)
     except UserError as e:

@@ -18,7 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 import trainer_fakes
-from rrr import bench_report, benchmark, compare, trainer
+from rrr import bench_report, benchmark, trainer
+from rrr import report as compare
 from rrr.cli import app
 from rrr.config import UserError, compose
 

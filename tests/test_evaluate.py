@@ -219,7 +219,7 @@ def test_resume_with_several_sets_repeats_no_example(tmp_path, two_tasks):
 
 
 def test_compare_has_a_section_per_set_and_flags_what_was_trained_on(tmp_path, two_tasks):
-    from rrr import compare
+    from rrr import report as compare
 
     train = tmp_path / "outputs" / "train" / "run1"
     train.mkdir(parents=True)
