@@ -33,8 +33,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr.config import UserError
-from rrr.runs import (atomic_write_json, atomic_write_parquet, check_resumable, claim_run_dir, lock_run_dir,
-                      model_info, plan_run_dir, update_manifest, write_run_files)
+from rrr.atomic import atomic_write_json, atomic_write_parquet
+from rrr.models import model_provenance
+from rrr.run_dir import RunDir
 
 COMMAND = "benchmark"
 PAPER_TASKS = ("mmlu_pro", "gsm8k", "hellaswag", "hendrycks_math")   # conf/bench/default.yaml says why
@@ -304,19 +305,15 @@ def run(cfg: DictConfig) -> Path:
     task_manager = build_task_manager(inc, plans)
     check_tasks(task_manager, plans)
     version = lm_eval_version()
-    run_dir = plan_run_dir(cfg, COMMAND)
-    if run_dir.is_dir():
-        lock_run_dir(run_dir)                      # before reading its results: one writer per run dir
-    fp = fingerprint(cfg, plans, version)
-    check_resumable(run_dir, COMMAND, fp)
+    rundir = RunDir.open(cfg, COMMAND, fingerprint(cfg, plans, version))   # locked before its results are read
+    run_dir = rundir.path
     todo = [p for p in plans if not _finished(run_dir / "tasks" / p.slug)]
     lm = build_lm(cfg) if todo else None
     # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
-    claim_run_dir(run_dir)
+    rundir.claim()
     model_path = cfg.model.get("path")
-    write_run_files(run_dir, cfg, COMMAND, extra={
-        "resume_fingerprint": fp,
-        "model": model_info(cfg),
+    rundir.write_run_files(cfg, extra={
+        "model": model_provenance(cfg.model),
         "model_label": "trained" if model_path else "vanilla",
         "train_run": train_run_of(model_path),
         "tasks": [p.__dict__ for p in plans],
@@ -346,7 +343,7 @@ def run(cfg: DictConfig) -> Path:
                "tasks": {p.name: table_summary(table[table.task == p.name]) for p in plans},
                "task_wall_s": times, "wall_s": round(time.time() - t0, 2), "lm_eval_version": version}
     atomic_write_json(run_dir / "summary.json", summary)
-    update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish()
     print(format_table(table))
     print(f"results: {run_dir / 'benchmark.parquet'}")
     return run_dir

@@ -49,7 +49,7 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
     except UserError as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
-        from rrr.runs import CURRENT_RUN
+        from rrr.run_dir import CURRENT_RUN
 
         typer.echo("", err=True)                   # off the progress bar's line
         if CURRENT_RUN is None:

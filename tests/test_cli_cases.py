@@ -241,10 +241,10 @@ def test_a_run_dir_in_use_is_refused_naming_the_holder_and_a_stale_lock_is_taken
 
 def test_two_processes_cannot_hold_one_run_dir(tmp_path):
     from rrr.config import UserError
-    from rrr.runs import lock_run_dir, unlock_run_dir
+    from rrr.run_lock import lock_run_dir, unlock_run_dir
 
     (tmp_path / "r").mkdir()
-    code = (f"from pathlib import Path; from rrr.runs import lock_run_dir; lock_run_dir(Path({str(tmp_path / 'r')!r}));"
+    code = (f"from pathlib import Path; from rrr.run_lock import lock_run_dir; lock_run_dir(Path({str(tmp_path / 'r')!r}));"
             "print('locked', flush=True); import time; time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})

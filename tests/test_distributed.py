@@ -16,7 +16,7 @@ import dist_workers
 import trainer_fakes
 from rrr import distributed, trainer
 from rrr.checkpoint import latest_checkpoint
-from rrr.runs import unlock_run_dir
+from rrr.run_lock import unlock_run_dir
 from rrr.config import compose
 
 torch.set_num_threads(1)

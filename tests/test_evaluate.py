@@ -38,7 +38,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(evaluate, "get_task", lambda name: state.task)
     monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
-    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(evaluate, "model_provenance", lambda node: {"name": node.name})
     return state
 
 
@@ -158,7 +158,7 @@ def two_tasks(monkeypatch):
     monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(evaluate, "get_task", lambda name: tasks[name])
     monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
-    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(evaluate, "model_provenance", lambda node: {"name": node.name})
     batch = evaluate.evaluate_batch
 
     def spy(engine, tokenizer, task, examples, cfg, stats):

@@ -30,7 +30,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(failures, "get_task", lambda name: state.task)
     monkeypatch.setattr(failures, "build_generator", build_generator)
-    monkeypatch.setattr(failures, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(failures, "model_provenance", lambda node: {"name": node.name})
     return state
 
 

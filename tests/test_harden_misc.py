@@ -9,7 +9,8 @@ import time
 
 import pandas as pd
 
-from rrr.runs import atomic_write_json, atomic_write_parquet, atomic_write_text, changed_keys
+from rrr.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
+from rrr.run_dir import changed_keys
 from rrr.verifiers import function_calling as fc
 
 
@@ -59,11 +60,11 @@ def test_ctrl_c_names_the_run_dir_on_its_own_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import rrr.evaluate
-    from rrr import runs
+    from rrr import run_dir
     from rrr.cli import app
 
     def interrupted(cfg):
-        monkeypatch.setattr(runs, "CURRENT_RUN", tmp_path / "run")
+        monkeypatch.setattr(run_dir, "CURRENT_RUN", tmp_path / "run")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rrr.evaluate, "run", interrupted)

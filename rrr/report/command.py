@@ -26,7 +26,9 @@ from rrr.report.load import EvalRun, load_run, training_curves
 from rrr.report.markdown import delta_markdown, accuracy_markdown, overview_markdown, prereg_markdown, render_report
 from rrr.report.plots import plot_accuracy, plot_training
 from rrr.report.tables import accuracy_table, preregistered, reflection_gaps, trained_vs_vanilla, training_summary
-from rrr.runs import atomic_write_json, atomic_write_text, claim_run_dir, git_sha
+from rrr.atomic import atomic_write_json, atomic_write_text
+from rrr.provenance import git_sha
+from rrr.run_dir import RunDir
 
 def _default_out() -> Path:
     base = Path("outputs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
@@ -50,7 +52,7 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000, note:
     out = Path(out) if out else _default_out()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
-    claim_run_dir(out)                              # created, locked (one writer), announced
+    RunDir(out, "compare").claim()                  # created, locked (one writer), announced
     names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *bench_runs]))
     sections = []
     if runs:

@@ -13,7 +13,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from rrr.config import UserError
-from rrr.runs import read_metrics
+from rrr.metrics_file import read_metrics
 
 # metric key -> (column in results.parquet, column title in the report)
 METRICS: dict[str, tuple[str, str]] = {
