@@ -52,16 +52,17 @@ class RunDir:
         return cls(path, command)
 
     @classmethod
-    def open(cls, cfg: DictConfig, command: str, fingerprint: dict[str, Any]) -> RunDir:
-        """`plan`, then `check_resumable(fingerprint)`."""
+    def open(cls, cfg: DictConfig, command: str, fingerprint: dict[str, Any],
+             former_names: tuple[str, ...] = ()) -> RunDir:
+        """`plan`, then `check_resumable(fingerprint, former_names)`."""
         run = cls.plan(cfg, command)
-        run.check_resumable(fingerprint)
+        run.check_resumable(fingerprint, former_names)
         return run
 
-    def check_resumable(self, fingerprint: dict[str, Any]) -> None:
-        """Refuse a run dir of another command or one run with other settings; remember the fingerprint
-        for the manifest."""
-        check_resumable(self.path, self.command, fingerprint)
+    def check_resumable(self, fingerprint: dict[str, Any], former_names: tuple[str, ...] = ()) -> None:
+        """Refuse a run dir of another command (`former_names`: what this command was called before) or
+        one run with other settings; remember the fingerprint for the manifest."""
+        check_resumable(self.path, self.command, fingerprint, former_names)
         self.fingerprint = fingerprint
 
     def claim(self) -> Path:
@@ -176,11 +177,11 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
                         "a new run") from None
 
 
-def check_resumable(run: Path, command: str, fp: dict[str, Any]) -> None:
+def check_resumable(run: Path, command: str, fp: dict[str, Any], former_names: tuple[str, ...] = ()) -> None:
     old = read_manifest(run)
     if old is None:
         return
-    if old.get("command") != command:
+    if old.get("command") not in (command, *former_names):
         raise UserError(f"{run} is a {old.get('command')!r} run, not {command!r}; pass a {command} run_dir or none")
     if old.get("resume_fingerprint") not in (None, fp):
         changed = changed_keys(old["resume_fingerprint"], fp)

@@ -1,5 +1,5 @@
 """`rrr compare RUN_DIR... [--out DIR]`: the paper-style table from evaluate runs, with bootstrap CIs, and
-the forgetting-check table from benchmark runs (rrr/bench_report.py), in one report.
+the forgetting-check table from `rrr forgetting` runs (rrr/report/forgetting.py), in one report.
 
 Every number is recomputed from each run's `results.parquet` (one row per example), so all runs get the
 same CI method and seed. Runs must cover the same task, split and examples: that makes every
@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from rrr.config import UserError
+from rrr.report import forgetting
 from rrr.report.checks import check_comparable, name_runs
 from rrr.report.load import EvalRun, load_run, training_curves
 from rrr.report.markdown import delta_markdown, accuracy_markdown, overview_markdown, prereg_markdown, render_report
@@ -39,32 +40,30 @@ def _default_out() -> Path:
 
 
 def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000, note: str = "") -> Path:
-    """Compare evaluate runs and/or benchmark runs; write report.md, the CSVs and plots into `out`."""
-    from rrr import bench_report
-
+    """Compare evaluate runs and/or forgetting-check runs; write report.md, the CSVs and plots into `out`."""
     if not run_dirs:
-        raise UserError("give at least one evaluate or benchmark run directory: rrr compare RUN_DIR [RUN_DIR...]")
-    bench_dirs = [Path(d) for d in run_dirs if bench_report.is_bench_run(Path(d))]
-    eval_dirs = [Path(d) for d in run_dirs if not bench_report.is_bench_run(Path(d))]
+        raise UserError("give at least one evaluate or forgetting run directory: rrr compare RUN_DIR [RUN_DIR...]")
+    forgetting_dirs = [Path(d) for d in run_dirs if forgetting.is_forgetting_run(Path(d))]
+    eval_dirs = [Path(d) for d in run_dirs if not forgetting.is_forgetting_run(Path(d))]
     # read and check everything before the output directory exists
     runs = load_evaluations(eval_dirs) if eval_dirs else {}
-    bench_runs = bench_report.name_runs([bench_report.load_bench_run(p) for p in bench_dirs])
+    forgetting_runs = forgetting.name_runs([forgetting.load_forgetting_run(p) for p in forgetting_dirs])
     out = Path(out) if out else _default_out()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
     RunDir(out, "compare").claim()                  # created, locked (one writer), announced
-    names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *bench_runs]))
+    names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *forgetting_runs]))
     sections = []
     if runs:
         sections.append(compare_evaluations(runs, out, n_boot))
-    if bench_runs:
-        section, scores, deltas = bench_report.compare(bench_runs, out, n_boot)
+    if forgetting_runs:
+        section, scores, deltas = forgetting.compare(forgetting_runs, out, n_boot)
         sections += ([] if runs else ["# Forgetting check", ""]) + [section]
         print()
-        print(bench_report.scores_markdown(scores, bench_runs))
+        print(forgetting.scores_markdown(scores, forgetting_runs))
         if len(deltas):
             print()
-            print(bench_report.deltas_markdown(deltas))
+            print(forgetting.deltas_markdown(deltas))
     atomic_write_text(out / "report.md", "\n".join(([note, ""] if note else []) + sections))
     atomic_write_json(out / "manifest.json", {"command": "compare", "runs": names, "git_sha": git_sha(),
                                               "n_boot": n_boot})
