@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr.cli import app
 
 torch.set_num_threads(1)

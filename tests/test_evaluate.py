@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import rrr.evaluate as evaluate
-from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
 
 # Which (segment, mode) sample 0 solves: q0 passes at once; the others fail attempt 1 and are fixed by

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import rrr.failures as failures
-from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
 from rrr.engines.base import Sample
 from rrr.verifiers import VERIFIER_VERSION, Verdict

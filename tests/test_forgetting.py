@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import forgetting, trainer
 from rrr import report as compare
 from rrr.report import forgetting as forgetting_report

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import train_log, train_setup, trainer
 from rrr.checkpoint import COMPLETE, latest_checkpoint
 from rrr.config import UserError, compose

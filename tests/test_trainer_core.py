@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import grpo, leak, rollout, trainer
 from rrr.config import UserError, compose
 from rrr.engines.base import Sample

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-import trainer_fakes  # noqa: E402
+from fakes import trainer as trainer_fakes  # noqa: E402
 from rrr import trainer  # noqa: E402
 from rrr.config import UserError, compose  # noqa: E402
 from rrr.engines import SamplingParams, build_engine  # noqa: E402
