@@ -15,10 +15,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from rrr import run_dir as run_dir_module
-from rrr.atomic import atomic_dir, atomic_write_bytes, atomic_write_parquet
+from rrr.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_parquet, atomic_write_text
 from rrr.config import UserError
-from rrr.run_dir import RunDir
-from rrr.run_lock import unlock_run_dir
+from rrr.run_dir import RunDir, changed_keys
+from rrr.run_lock import lock_run_dir, unlock_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 FP = {"train": {"lr": 1e-5, "steps": 10}, "seed": 0}
@@ -154,3 +154,41 @@ def test_a_failed_atomic_write_leaves_no_partial_or_temp_file(tmp_path, monkeypa
             (tmp / "weights").write_bytes(b"w")
             raise RuntimeError("crash while saving")
     assert list(tmp_path.iterdir()) == []                     # no target, no temp file or directory
+
+
+def test_run_files_are_0644_like_parquet_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        atomic_write_json(tmp_path / "manifest.json", {})
+        atomic_write_parquet(tmp_path / "t.parquet", pd.DataFrame({"a": [1]}))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~old)}, modes
+
+
+def test_changed_keys_are_dotted_leaves():
+    old = {"train": {"lr": 1e-5, "sampling": {"reflection": {"temperature": 1.0}}}, "seed": 0}
+    new = {"train": {"lr": 2e-5, "sampling": {"reflection": {"temperature": 0.7}}}, "seed": 0}
+    assert changed_keys(old, new) == ["train.lr", "train.sampling.reflection.temperature"]
+    assert changed_keys({"a": 1}, {"a": 1, "b": 2}) == ["b"]
+
+
+def test_two_processes_cannot_hold_one_run_dir(tmp_path):
+    (tmp_path / "r").mkdir()
+    code = (f"from pathlib import Path; from rrr.run_lock import lock_run_dir; lock_run_dir(Path({str(tmp_path / 'r')!r}));"
+            "print('locked', flush=True); import time; time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"PID {proc.pid}"):
+            lock_run_dir(tmp_path / "r")
+    finally:
+        proc.kill()
+        proc.wait()
+    lock_run_dir(tmp_path / "r")                              # dead holder: taken over
+    assert json.loads((tmp_path / "r" / ".lock").read_text())["pid"] == os.getpid()
+    unlock_run_dir(tmp_path / "r")
+    assert not (tmp_path / "r" / ".lock").exists()
