@@ -209,5 +209,5 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None) -> Logger:
 def progress(cfg: DictConfig, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=int(cfg.train.steps), initial=start, unit="step", desc="train",
+    return tqdm(total=cfg.train.steps, initial=start, unit="step", desc="train",
                 disable=not cfg.log.progress or not dist.is_main())

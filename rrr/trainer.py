@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> Path:
     if t.attempt1 == "stored":
         check_stored_prompts(tokenizer, task, examples, stored, cfg.prompts, t.failures)
     ctx = Rollouts(engine, tokenizer, task, cfg.prompts, sampling_from_cfg(t.sampling), int(cfg.seed),
-                   int(t.group_size), t.leak)
+                   t.group_size, t.leak)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
     state = ckpt.load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
     claim_run_dir(run_dir)                           # inputs valid, model loaded: now the run dir is written
@@ -270,15 +270,15 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     batch = collate(episodes, tokenizer.pad_token_id) if episodes else EMPTY_BATCH   # [N, T]: ids, masks
     mask = grpo.reflection_loss_mask(batch["segment_ids"], batch["reflection_truncated"])  # [N, T] bool
     temps = segment_temperatures(batch["segment_ids"], sampling_temperatures(t.sampling))  # [N, T]: logits / T
-    max_reflection = int(t.sampling.reflection.max_tokens)
+    max_reflection = t.sampling.reflection.max_tokens
     # the whole step's normaliser, over all ranks: each rank's gradient is its share of the global loss
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    micro = torch.arange(len(episodes)).split(int(t.micro_batch_size)) if episodes else ()
+    micro = torch.arange(len(episodes)).split(t.micro_batch_size) if episodes else ()
     for mb in fsdp.pad_micro_batches(model, micro):
         if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
-            fsdp.idle_step(model, reference, tokenizer.pad_token_id, int(t.logprob_chunk_size))
+            fsdp.idle_step(model, reference, tokenizer.pad_token_id, t.logprob_chunk_size)
             continue
         # Causal attention: tokens after the last reflection token (retry prompt, attempt 2, padding)
         # cannot change a reflection log-prob, so the forward/backward stops there. Exact, and it saves
@@ -287,25 +287,25 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         width = int(cols.max()) + 1 if len(cols) else 1
         ids, attn, m, temp = (x[mb, :width].to(device)
                               for x in (batch["input_ids"], batch["attention_mask"], mask, temps))
-        logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size), temp)  # [b, T]
+        logp, entropy = masked_logprobs(model, ids, attn, m, t.logprob_chunk_size, temp)  # [b, T]
         ref_logp = reference(ids, attn, m, temp) if reference is not None else None   # [b, T]
         sampler_logp = batch["old_logprobs"][mb, :width].to(device)                       # [b, T]
         tis = t.is_correction == "token_tis"          # truncated IS for the sampler ≠ trainer gap
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
-                                     eps_low=float(t.epsilon), eps_high=float(t.epsilon_high),
-                                     beta=float(t.beta), kl_kind=t.kl_estimator, mode=t.loss_agg,
+                                     eps_low=t.epsilon, eps_high=t.epsilon_high,
+                                     beta=t.beta, kl_kind=t.kl_estimator, mode=t.loss_agg,
                                      normaliser=normaliser, max_reflection_tokens=max_reflection,
                                      entropy=entropy,
-                                     is_weights=grpo.tis_weights(logp, sampler_logp, m, float(t.is_cap)) if tis else None)
+                                     is_weights=grpo.tis_weights(logp, sampler_logp, m, t.is_cap) if tis else None)
         loss.backward()
         stats["loss"] = loss.item()
         stats["sampler_logp_diff"] = sampler_abs_diff_sum(logp.detach().cpu(), sampler_logp.cpu(), m.cpu())
         if tis:
-            stats.update(grpo.tis_stats(logp, sampler_logp, m, float(t.is_cap)))
+            stats.update(grpo.tis_stats(logp, sampler_logp, m, t.is_cap))
         accumulate(totals, stats)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dist.all_reduce_grads(trainable)                    # Σ over ranks = the single-process gradient
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(t.max_grad_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return finish_stats(reduce_totals(totals), fsdp.scalar(grad_norm))

@@ -93,11 +93,11 @@ def test_impossible_settings_are_refused_before_any_work(tmp_path, args, needle)
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["train.lr=-1"], "train.lr=-1 must be > 0"),
-    (["train.sampling.reflection.temperature=-1"], "train.sampling.reflection.temperature=-1 must be >= 0"),
+    (["train.lr=-1"], "train.lr=-1.0 must be > 0"),
+    (["train.sampling.reflection.temperature=-1"], "train.sampling.reflection.temperature=-1.0 must be >= 0"),
     (["train.sampling.attempt1.max_tokens=0"], "must be an integer >= 1"),
     (["train.leak=maybe"], "train.leak='maybe'; valid choices: keep, no_reward"),
-    (["train.malloc_mmap_threshold_mb=-1"], "train.malloc_mmap_threshold_mb=-1: a size in MB >= 0"),
+    (["train.malloc_mmap_threshold_mb=-1"], "train.malloc_mmap_threshold_mb=-1.0: a size in MB >= 0"),
     (["train.malloc_mmap_threshold_mb=big"], "train.malloc_mmap_threshold_mb='big' has type str, but"),
     (["train.batch_queries=5"], "train.batch_queries=5 > the 3 failed queries"),
     (["logger=wandb", "logger.mode=online"], "logger.mode=online needs a wandb login"),
