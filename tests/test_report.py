@@ -1,3 +1,7 @@
+"""rrr.report end to end through `rrr compare` on hand-made evaluate runs: the table, paired deltas and
+plots, pairing by example id, refusals of incomparable runs, the pre-registered comparisons and the
+training summary."""
+
 import hashlib
 import json
 from pathlib import Path
