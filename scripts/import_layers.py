@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_PLUMBING = {"rrr.atomic", "rrr.provenance", "rrr.run_lock", "rrr.parts", "rrr.metrics_file", "rrr.run_dir",
-                "rrr.runs"}
+RUN_PLUMBING = {"rrr.atomic", "rrr.provenance", "rrr.run_lock", "rrr.parts", "rrr.metrics_file", "rrr.run_dir"}
 BELOW_PLUMBING = {"rrr", "rrr.config", "rrr.distributed"}
 
 
