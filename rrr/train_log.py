@@ -18,7 +18,8 @@ from rrr import grpo
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import leak_flags, leak_share
-from rrr.runs import atomic_write_parquet, update_manifest
+from rrr.atomic import atomic_write_parquet
+from rrr.run_dir import update_manifest
 from rrr.tasks import Example
 
 

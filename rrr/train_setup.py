@@ -178,7 +178,7 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
-    from rrr.runs import examples_sha256
+    from rrr.provenance import examples_sha256
     from rrr.models import model_provenance
 
     return {"resume_fingerprint": resume_fingerprint(cfg),

@@ -39,8 +39,8 @@ from rrr.failure_set import FailureCursor, check_stored_prompts, load_failure_se
 from rrr.leak import apply_leak_policy, leak_flags
 from rrr.logprobs import segment_temperatures
 from rrr.rollout import sampling_from_cfg
-from rrr.runs import (MetricsWriter, check_resumable, claim_run_dir, lock_run_dir, plan_run_dir,
-                      update_manifest, write_run_files)
+from rrr.metrics_file import MetricsWriter
+from rrr.run_dir import RunDir
 from rrr.config import UserError
 from rrr.tasks import Example, get_task
 from rrr.train_log import (Logger, accumulate, build_logger, empty_update, finish_stats, main_print, progress,
@@ -72,10 +72,8 @@ class Rollouts:
 def run(cfg: DictConfig) -> Path:
     t = cfg.train
     validate(cfg)
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # not created yet; rank 0 names it for all
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)                        # one writer per run dir: rank 0, the only one that writes
-    check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
+    rundir = RunDir.open(cfg, COMMAND, resume_fingerprint(cfg))   # named by rank 0, locked, other settings refused
+    run_dir = rundir.path
     examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate, cfg.task.name)
     if t.batch_queries > len(examples):
         raise UserError(f"train.batch_queries={t.batch_queries} > the {len(examples)} failed queries in "
@@ -94,7 +92,7 @@ def run(cfg: DictConfig) -> Path:
                    t.group_size, t.leak)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
     state = ckpt.load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-    claim_run_dir(run_dir)                           # inputs valid, model loaded: now the run dir is written
+    rundir.claim()                                   # inputs valid, model loaded: now the run dir is written
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
     if state is not None:
@@ -102,7 +100,7 @@ def run(cfg: DictConfig) -> Path:
         engine.load_weights(model)                    # the sampler must see the restored weights
         main_print(f"resuming {run_dir} from {state.path.name} (step {start}){ranks_note(run_dir)}")
     else:
-        write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
+        rundir.write_run_files(cfg, extra=train_manifest(cfg, examples))
     if dist.is_main():
         ckpt.remove_partial(run_dir)
         metrics.truncate_after(start)                 # rows of steps after the checkpoint are re-done
@@ -157,8 +155,7 @@ def run(cfg: DictConfig) -> Path:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, t.steps, cursor, logger)
-    if dist.is_main():
-        update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish(final_checkpoint=str(final))        # rank 0 writes it
     main_print(f"final checkpoint: {final}\nevaluate it: rrr evaluate task={cfg.task.name} model={cfg.model.name} "
                f"model.path={final}")
     logger.finish()
