@@ -5,7 +5,7 @@ Face model directory (the LoRA adapter or the full model, + tokenizer), so `mode
 transformers/peft load it, plus what decides the rest of the run:
 
     state.json          step, data cursor, wandb run id (human-readable)
-    trainer_state.pt    optimizer, LR scheduler, every RNG (python, numpy, torch, cuda)
+    trainer_state.pt    optimizer, LR scheduler, every RNG (python, numpy, torch; cuda per visible device)
     COMPLETE            written last; a directory without it is ignored
 
 It is written into a temp directory next to its final place and renamed only when complete, so a run
@@ -56,11 +56,32 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the CPU generators always, the CUDA ones only onto the same number of visible devices.
+
+    What makes a resumed run replay the uninterrupted one is on the CPU: the data cursor (state.json),
+    the sampling seeds (derived from run seed, step, example and sample, not drawn) and the CPU RNGs
+    here. The CUDA RNG only feeds dropout on the GPU; a checkpoint written where 8 GPUs were visible
+    must still resume where 4 are (torch's set_rng_state_all would fail on device 4), so it is skipped
+    with a note rather than calling a good checkpoint damaged."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if not cuda:
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cuda) != visible:
+        _note(f"the checkpoint holds the CUDA RNG of {len(cuda)} device(s), this process sees {visible}: "
+              "CUDA RNG not restored (it only affects GPU dropout; sampling seeds and data order are exact)")
+        return
+    torch.cuda.set_rng_state_all(cuda)
+
+
+def _note(message: str) -> None:
+    import sys
+
+    if dist.is_main():
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimizer, scheduler,
