@@ -10,6 +10,8 @@ transformers/peft load it, plus what decides the rest of the run:
 
 It is written into a temp directory next to its final place and renamed only when complete, so a run
 killed at any moment (SIGKILL included) never leaves a half-written checkpoint where resume looks.
+Retention (`train.keep_checkpoints`) deletes the same way in reverse: an old checkpoint is first renamed
+to a tombstone (`.step_NNNNN.deleted`, which the loader never looks at), then removed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rrr.config import UserError
 from rrr.runs import atomic_dir
 
 COMPLETE = "COMPLETE"
+TOMBSTONE = ".deleted"
 STATE_JSON = "state.json"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -171,12 +174,38 @@ def load_latest_checkpoint(run_dir: str | Path, *, model, optimizer, scheduler) 
 
 
 def remove_partial(run_dir: str | Path) -> None:
-    """Delete temp checkpoint dirs a killed run left behind (one trainer per run dir, so none is live)."""
+    """Delete temp checkpoint dirs and tombstones a killed run left behind (one trainer per run dir, so
+    none is live)."""
     import shutil
 
     root = Path(run_dir) / "checkpoints"
-    for p in root.glob(".*.tmp") if root.is_dir() else []:
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (".*.tmp", f".*{TOMBSTONE}"):
+        for p in root.glob(pattern) if root.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int | None, newest_step: int) -> list[Path]:
+    """After the checkpoint of `newest_step` is written: keep it and the newest `keep` − 1 complete step
+    checkpoints before it (and `final`), delete the older ones; rank 0 only; None or 0 keeps all.
+
+    The one a resume would load (the one just written) is always kept. Dirs of a later step (left by a
+    run that fell back past a damaged checkpoint; the run overwrites them when it gets there), temp and
+    incomplete dirs are not touched. Crash-safe: each victim is renamed to a tombstone first (atomic; the
+    loader skips dot-names), then removed, so a kill midway leaves either the whole checkpoint or none
+    that resume could pick. Returns the deleted paths."""
+    import shutil
+
+    if not keep or not dist.is_main():
+        return []
+    steps = [(int(m.group(1)), p) for p in complete_checkpoints(run_dir) if (m := _STEP_DIR.match(p.name))]
+    older = sorted((sp for sp in steps if sp[0] <= newest_step), reverse=True)   # newest first, by name
+    deleted = []
+    for _, old in older[max(int(keep), 1):]:
+        tomb = old.with_name(f".{old.name}{TOMBSTONE}")
+        old.rename(tomb)
+        shutil.rmtree(tomb, ignore_errors=True)
+        deleted.append(old)
+    return deleted
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Resume:

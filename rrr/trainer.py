@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> Path:
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if step % int(t.save_every) == 0:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
+            ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)      # train.keep_checkpoints
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, int(t.steps), cursor, logger)
     if dist.is_main():
@@ -545,9 +546,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.keep_checkpoints`,
+    `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    train.pop("save_every")
+    for key in ("save_every", "keep_checkpoints"):
+        train.pop(key, None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),

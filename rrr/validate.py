@@ -53,6 +53,10 @@ def check(cfg: DictConfig, command: str) -> None:
         if not 0 <= _num(cfg.train.min_pass_rate, "train.min_pass_rate") <= \
                 _num(cfg.train.max_pass_rate, "train.max_pass_rate") <= 1:
             raise UserError("train.min_pass_rate <= train.max_pass_rate must both lie in [0, 1]")
+        keep = cfg.train.get("keep_checkpoints")
+        if keep is not None and (_num(keep, "train.keep_checkpoints") < 0 or int(keep) != float(keep)):
+            raise UserError(f"train.keep_checkpoints={keep} must be null or 0 (keep all) or an integer >= 1 "
+                            "(the newest N step checkpoints are kept, plus final)")
     if cfg.task.name == "countdown" and cfg.task.source == "generated":
         from rrr.tasks.countdown import Knobs
 
