@@ -46,6 +46,8 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
     distributed.init()                   # under torchrun / accelerate launch: join the process group
     try:
         run(cfg)
+    except ConfigError as e:             # a setting refused before the model loads (rrr.validate)
+        _fail(str(e), 2)
     except UserError as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
