@@ -26,8 +26,8 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def _fail(msg: str, code: int) -> None:
-    if _rank() == 0:                     # every rank meets the same error: one line, from rank 0
+def _fail(msg: str, code: int, every_rank: bool = False) -> None:
+    if _rank() == 0 or every_rank:       # every rank meets the same error: one line, from rank 0
         typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -43,13 +43,22 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
     run: Callable = import_module(f"rrr.{module}").run
     from rrr import distributed
 
-    distributed.init()                   # under torchrun / accelerate launch: join the process group
+    try:                                 # under torchrun / accelerate launch: join the process group
+        distributed.init(cfg.get("dist", {}).get("timeout_s"))
+    except ConfigError as e:
+        _fail(str(e), 2)
     try:
         run(cfg)
     except ConfigError as e:             # a setting refused before the model loads (rrr.validate)
         _fail(str(e), 2)
+    except distributed.CollectiveTimeout as e:     # only the ranks that waited know: each says so
+        _fail(str(e), 1, every_rank=True)
     except UserError as e:
         _fail(str(e), 1)
+    except RuntimeError as e:            # a collective outside rrr.distributed's (FSDP's) timed out
+        if not distributed.is_timeout(e):
+            raise
+        _fail(distributed.timeout_message(), 1, every_rank=True)
     except KeyboardInterrupt:
         from rrr.runs import CURRENT_RUN
 

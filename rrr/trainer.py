@@ -91,6 +91,7 @@ def run(cfg: DictConfig) -> Path:
 
     for step in range(start + 1, int(t.steps) + 1):
         t0 = time.time()
+        dist.at_step(step)                           # named by a collective that times out
         # ----------------------------------------------------------------- ALGO: reflect, retry, reward
         batch = dist.shard(cursor.draw(int(t.batch_queries)))   # this rank's share, in single-process order
         queries = [examples[i] for i in batch]

@@ -14,15 +14,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join(rank: int, world: int, port: int) -> None:
+def join(rank: int, world: int, port: int, timeout_s: float | None = 300) -> None:
     import torch
 
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RRR_DIST_TIMEOUT_S": "300"})
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     from rrr import distributed
 
-    distributed.init()
+    distributed.init(timeout_s)
 
 
 def train(rank: int, world: int, port: int, overrides: list[str]) -> None:
@@ -78,5 +78,30 @@ def means(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(got, f)
+    finally:
+        distributed.destroy()
+
+
+def skip_collective(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 skips the all-reduce of step 3 (and waits past the timeout); rank 0 waits for it in vain."""
+    import time
+
+    from rrr import distributed
+
+    os.environ["RRR_DIST_TIMEOUT_S"] = "5"
+    join(rank, world, port, timeout_s=None)
+    try:
+        distributed.at_step(3)
+        if rank == 1:
+            time.sleep(8)
+            return
+        t0 = time.time()
+        try:
+            distributed.all_reduce_sum(1.0)
+            message = "no timeout"
+        except distributed.CollectiveTimeout as e:
+            message = str(e)
+        with open(out, "w") as f:
+            f.write(f"{time.time() - t0:.1f}\n{message}\n")
     finally:
         distributed.destroy()

@@ -251,3 +251,51 @@ def test_sigkill_of_one_rank_under_torchrun_then_resume_gives_the_single_process
     assert done.stdout.count("resuming") == 1
     # save_every differs from the straight run (1 vs 2): it may change on resume and changes nothing else
     assert_same_run(straight, run)
+
+
+def test_a_collective_one_rank_skips_fails_fast_naming_the_rank_and_step(tmp_path):
+    """gloo, 2 ranks, dist.timeout_s=5 (via RRR_DIST_TIMEOUT_S): rank 1 skips step 3's all-reduce; rank 0
+    gets one line naming itself, the step and the collective after ~5 s, not after torch's 30 min."""
+    out = tmp_path / "message.txt"
+    dist_workers.spawn(dist_workers.skip_collective, 2, str(out))
+    waited, message = out.read_text().splitlines()
+    assert 4.5 <= float(waited) < 30
+    assert message.startswith("rank 0 of 2: all_reduce_sum at step 3 timed out after 5 s: another rank never joined")
+
+
+def test_the_timeout_comes_from_the_config_and_is_checked(monkeypatch):
+    import datetime
+
+    from rrr.config import ConfigError
+
+    seen = {}
+    monkeypatch.setitem(distributed._state, "timeout_s", distributed._state["timeout_s"])   # restored after
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: seen.update(t=timeout))
+    monkeypatch.setattr(distributed, "active", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RRR_DIST_TIMEOUT_S", "77")
+    assert compose([]).dist.timeout_s == 600
+    distributed.init(compose(["dist.timeout_s=42"]).dist.timeout_s)
+    assert seen["t"] == datetime.timedelta(seconds=42)
+    distributed.init(None)                                       # no config value: the environment's
+    assert seen["t"] == datetime.timedelta(seconds=77)
+    with pytest.raises(ConfigError, match="dist.timeout_s=0 must be a number of seconds > 0"):
+        distributed.init(0)
+
+
+def test_a_timeout_inside_a_library_collective_is_one_line_at_the_cli(monkeypatch):
+    """FSDP's own collectives are not wrapped: the CLI turns their timeout into the same line."""
+    from typer.testing import CliRunner
+
+    from rrr.cli import app
+
+    def hang(cfg):
+        distributed.at_step(2)
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms for recv operation")
+
+    monkeypatch.setattr(trainer, "run", hang)
+    monkeypatch.setitem(distributed._state, "step", None)
+    result = CliRunner().invoke(app, ["train", "task=countdown", "model=tiny-random"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: rank 0 of 1: a collective at step 2 timed out after 600 s" in result.output
