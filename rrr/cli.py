@@ -41,14 +41,19 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         typer.echo(to_yaml(cfg))
         return
     run: Callable = import_module(f"rrr.{module}").run
-    from rrr import distributed
+    from rrr import distributed, preemption
 
     try:                                 # under torchrun / accelerate launch: join the process group
         distributed.init(cfg.get("dist", {}).get("timeout_s"))
     except ConfigError as e:
         _fail(str(e), 2)
+    preemption.install()                 # SIGTERM / SIGUSR1: save at the next safe point, exit 75
     try:
         run(cfg)
+    except preemption.Preempted as e:
+        if _rank() == 0:
+            typer.echo(str(e), err=True)
+        raise typer.Exit(preemption.EXIT_RESUME)
     except ConfigError as e:             # a setting refused before the model loads (rrr.validate)
         _fail(str(e), 2)
     except distributed.CollectiveTimeout as e:     # only the ranks that waited know: each says so
@@ -68,6 +73,7 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         _fail(f"interrupted; everything written so far is kept. To continue, re-run the same command with\n"
               f"  run_dir={CURRENT_RUN}", 130)
     finally:
+        preemption.uninstall()
         distributed.destroy()
 
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import fsdp, grpo, rollout, sync
+from rrr import fsdp, grpo, preemption, rollout, sync
 from rrr.leak import LEAK_MODES, apply_leak_policy, leak_flags, leak_share
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
@@ -143,6 +143,11 @@ def run(cfg: DictConfig) -> Path:
         if step % int(t.save_every) == 0:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
             ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)      # train.keep_checkpoints
+        if step < int(t.steps) and preemption.requested_everywhere():       # SIGTERM/SIGUSR1: save, exit 75
+            if step % int(t.save_every):
+                save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
+                ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)
+            raise preemption.Preempted(run_dir, f"checkpoint step_{step:05d} written")
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, int(t.steps), cursor, logger)
     if dist.is_main():
