@@ -105,3 +105,24 @@ def skip_collective(rank: int, world: int, port: int, out: str) -> None:
             f.write(f"{time.time() - t0:.1f}\n{message}\n")
     finally:
         distributed.destroy()
+
+
+def preempt_one(rank: int, world: int, port: int, out: str) -> None:
+    """Only rank 1 is signalled: both ranks must agree to stop at the same poll."""
+    import json
+    import signal
+
+    from rrr import distributed, preemption
+
+    join(rank, world, port)
+    try:
+        preemption.install()
+        before = preemption.requested_everywhere()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        after = preemption.requested_everywhere()
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump([before, after, preemption.requested()], f)
+    finally:
+        preemption.uninstall()
+        distributed.destroy()

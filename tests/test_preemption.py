@@ -116,3 +116,12 @@ def test_evaluate_flushes_its_part_and_resumes(tmp_path, signalled):
     preemption.install()
     run = evaluate.run(cfg)
     assert len(list((run / "parts").glob("*.parquet"))) == 2 and (run / "summary.json").exists()
+
+
+def test_every_rank_stops_when_one_is_signalled(tmp_path):
+    import dist_workers
+
+    out = tmp_path / "agreed"
+    dist_workers.spawn(dist_workers.preempt_one, 2, str(out))
+    got = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    assert got == [[False, True, False], [False, True, True]]   # rank 0 was not signalled, and stops too
