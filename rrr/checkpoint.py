@@ -8,6 +8,11 @@ transformers/peft load it, plus what decides the rest of the run:
     trainer_state.pt    optimizer, LR scheduler, every RNG (python, numpy, torch; cuda per visible device)
     COMPLETE            written last; a directory without it is ignored
 
+An FSDP-sharded policy (train.parallel=fsdp) instead keeps model and optimizer state as every rank's
+shards in `sharded/` (torch.distributed.checkpoint: one file per rank, nothing gathered; a resume on
+another rank count re-shards while reading) and the HF config and tokenizer beside them; `final` also
+holds the gathered weights in HF format, for `rrr evaluate model.path=...`.
+
 It is written into a temp directory next to its final place and renamed only when complete, so a run
 killed at any moment (SIGKILL included) never leaves a half-written checkpoint where resume looks.
 Retention (`train.keep_checkpoints`) deletes the same way in reverse: an old checkpoint is first renamed
@@ -89,23 +94,56 @@ def _note(message: str) -> None:
 
 def save_checkpoint(run_dir: str | Path, name: str, *, model, tokenizer, optimizer, scheduler,
                     step: int, cursor: dict[str, Any], wandb_run_id: str | None) -> Path:
-    """Write `run_dir/checkpoints/<name>/` atomically; return its path. Distributed: rank 0 writes it."""
+    """Write `run_dir/checkpoints/<name>/` atomically; return its path. Distributed: rank 0 writes it
+    (FSDP: every rank writes its shards into the temp dir rank 0 names, then rank 0 completes it)."""
     final = Path(run_dir) / "checkpoints" / name
-    model_state, optimizer_state = fsdp.full_state(model, optimizer) if fsdp.is_sharded(model) else \
-        (None, optimizer.state_dict())    # FSDP: gathered (a collective, every rank), HF format on disk
+    if fsdp.is_sharded(model):
+        return _save_sharded(final, name, model, tokenizer, optimizer, scheduler, step, cursor, wandb_run_id)
     if not dist.is_main():
         return final
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, state_dict=model_state)   # adapter only for a PeftModel, else the full model
-        record_base_model(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, tmp / TRAINER_STATE)
-        (tmp / STATE_JSON).write_text(json.dumps(
-            {"step": step, "cursor": cursor, "wandb_run_id": wandb_run_id}, indent=2) + "\n")
-        (tmp / COMPLETE).write_text(f"{step}\n")     # last: its presence means everything above is there
+        model.save_pretrained(tmp)                 # adapter only for a PeftModel, else the full model
+        _write_rest(tmp, model, tokenizer, optimizer.state_dict(), scheduler, step, cursor, wandb_run_id)
     return final
+
+
+def _save_sharded(final: Path, name: str, model, tokenizer, optimizer, scheduler, step, cursor, wandb_run_id):
+    import shutil
+    import tempfile
+
+    def make_tmp() -> str:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+
+    tmp = Path(dist.from_main(make_tmp))                                # one temp dir, named by rank 0
+    try:
+        fsdp.save_sharded(model, optimizer, tmp / fsdp.SHARDED)         # every rank: its own shard file
+        hf_state = fsdp.full_state(model)[0] if name == "final" else None   # `final`: HF weights too
+        if dist.is_main():
+            if hf_state is not None:
+                model.save_pretrained(tmp, state_dict=hf_state)
+            else:
+                model.config.save_pretrained(tmp)
+            _write_rest(tmp, model, tokenizer, None, scheduler, step, cursor, wandb_run_id)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+    finally:
+        if dist.is_main() and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()                                   # no rank goes on before the checkpoint is in place
+    return final
+
+
+def _write_rest(tmp: Path, model, tokenizer, optimizer_state, scheduler, step, cursor, wandb_run_id) -> None:
+    record_base_model(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, tmp / TRAINER_STATE)
+    (tmp / STATE_JSON).write_text(json.dumps(
+        {"step": step, "cursor": cursor, "wandb_run_id": wandb_run_id}, indent=2) + "\n")
+    (tmp / COMPLETE).write_text(f"{step}\n")     # last: its presence means everything above is there
 
 
 def record_base_model(model, directory: Path) -> None:
@@ -212,11 +250,16 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> Resume:
     """Load adapter/model weights, optimizer, scheduler and RNG state from `path` in place."""
     if not is_complete(path):
         raise UserError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); delete it and resume again")
-    _load_weights(model, path)
     trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
-    if fsdp.is_sharded(model):
+    if (path / fsdp.SHARDED).is_dir():               # FSDP shards: model and optimizer, re-sharded on load
+        if not fsdp.is_sharded(model):
+            raise UserError(f"checkpoint {path} holds FSDP shards; resume it with train.parallel=fsdp under torchrun")
+        fsdp.load_sharded(model, optimizer, path / fsdp.SHARDED)
+    elif fsdp.is_sharded(model):                     # a gathered FSDP checkpoint of an earlier version
+        _load_weights(model, path)
         fsdp.load_full_state(model, optimizer, None, trainer_state["optimizer"])
     else:
+        _load_weights(model, path)
         optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])

@@ -416,6 +416,9 @@ def _require_dir(cfg: DictConfig, path: Path) -> None:
     if not (path / "config.json").exists():
         raise UserError(f"model.path={str(path)!r} is not a model directory (no config.json or "
                         f"adapter_config.json); point it at a saved model or a `rrr train` checkpoint")
+    if (path / "sharded").is_dir() and not any(path.glob("*.safetensors")):
+        raise UserError(f"model.path={str(path)!r} is an FSDP step checkpoint (sharded/ only, for resuming); "
+                        "evaluate the run's checkpoints/final, which holds the weights in HF format")
 
 
 def _from_hub(cls, cfg: DictConfig, **kwargs):

@@ -126,3 +126,39 @@ def preempt_one(rank: int, world: int, port: int, out: str) -> None:
     finally:
         preemption.uninstall()
         distributed.destroy()
+
+
+def sharded_checkpoint(rank: int, world: int, port: int, root: str, mode: str) -> None:
+    """FSDP2 on a tiny Llama: `save` takes one AdamW step and writes step_00001 (shards) and final (+ HF
+    weights); `load` (on any rank count) reads step_00001 into a fresh sharded model and optimizer. Both
+    dump the gathered weights and optimizer state to compare."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from rrr import checkpoint, distributed, fsdp
+    from test_checkpoint import tiny_llama
+
+    join(rank, world, port)
+    try:
+        model = fsdp.shard(tiny_llama(seed=0 if mode == "save" else 5))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        if mode == "save":
+            ids = torch.arange(8).reshape(1, 8)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            for name in ("step_00001", "final"):
+                checkpoint.save_checkpoint(root, name, model=model, tokenizer=None, optimizer=opt, scheduler=sched,
+                                           step=1, cursor={"index": 1}, wandb_run_id=None)
+        else:
+            resume = checkpoint.load_checkpoint(Path(root) / "checkpoints" / "step_00001", model=model,
+                                                optimizer=opt, scheduler=sched)
+            assert resume.step == 1 and resume.cursor == {"index": 1}
+        weights, optim = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save({"weights": weights, "optim": optim["state"]}, Path(root) / f"{mode}-{world}.pt")
+    finally:
+        distributed.destroy()

@@ -299,3 +299,30 @@ def test_a_timeout_inside_a_library_collective_is_one_line_at_the_cli(monkeypatc
     result = CliRunner().invoke(app, ["train", "task=countdown", "model=tiny-random"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "error: rank 0 of 1: a collective at step 2 timed out after 600 s" in result.output
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_on_another_rank_count(tmp_path):
+    """train.parallel=fsdp writes each rank's shards (torch.distributed.checkpoint), no gathered optimizer;
+    2 ranks and 1 rank read back the same weights and AdamW moments; `final` also loads as an HF model."""
+    from transformers import AutoModelForCausalLM
+
+    root = str(tmp_path)
+    dist_workers.spawn(dist_workers.sharded_checkpoint, 2, root, "save")
+    step = tmp_path / "checkpoints" / "step_00001"
+    shards = sorted(p.name for p in (step / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not list(step.glob("*.safetensors")) and (step / "config.json").exists()
+    assert torch.load(step / "trainer_state.pt", weights_only=False)["optimizer"] is None
+    saved = torch.load(tmp_path / "save-2.pt", weights_only=False)
+    for world in (2, 1):
+        dist_workers.spawn(dist_workers.sharded_checkpoint, world, root, "load")
+        loaded = torch.load(tmp_path / f"load-{world}.pt", weights_only=False)
+        for k, v in saved["weights"].items():
+            assert torch.equal(loaded["weights"][k], v), (world, k)
+        assert saved["optim"].keys() == loaded["optim"].keys()
+        for k, moments in saved["optim"].items():
+            for m in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(loaded["optim"][k][m], moments[m]), (world, k, m)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "final")
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, saved["weights"][k]), k
