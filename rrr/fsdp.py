@@ -145,19 +145,20 @@ def save_sharded(model, optimizer, directory) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    dcp.save({"model": drop_tied(model, model_state), "optimizer": optimizer_state}, checkpoint_id=str(directory))
 
 
 def load_sharded(model, optimizer, directory) -> None:
     """Read `directory` into the sharded model and optimizer; the ranks that wrote it may have been more
     or fewer (each rank reads the pieces of the saved shards that overlap its own)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": drop_tied(model, model_state), "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))      # a tied key shares its twin's tensor
 
 
 def full_state(model, optimizer=None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -170,11 +171,17 @@ def full_state(model, optimizer=None) -> tuple[dict[str, torch.Tensor], dict[str
         model_state, optimizer_state = get_model_state_dict(model, options=options), None
     else:
         model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    if getattr(model.config, "tie_word_embeddings", False):    # saved once, as save_pretrained does
+    return drop_tied(model, model_state), optimizer_state
+
+
+def drop_tied(model, state: dict[str, Any]) -> dict[str, Any]:
+    """Tied weights (lm_head = embed_tokens) kept once, as save_pretrained does: the twin is the same
+    tensor, and saving it twice doubled the embedding's share of a checkpoint."""
+    if getattr(model.config, "tie_word_embeddings", False):
         tied = getattr(model, "_tied_weights_keys", None) or []
         for key in (tied.keys() if isinstance(tied, dict) else tied):
-            model_state.pop(key, None)
-    return model_state, optimizer_state
+            state.pop(key, None)
+    return state
 
 
 def load_full_state(model, optimizer, model_state: dict[str, torch.Tensor] | None,

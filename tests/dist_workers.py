@@ -138,12 +138,16 @@ def sharded_checkpoint(rank: int, world: int, port: int, root: str, mode: str) -
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from rrr import checkpoint, distributed, fsdp
-    from test_checkpoint import tiny_llama
 
     join(rank, world, port)
     try:
-        model = fsdp.shard(tiny_llama(seed=0 if mode == "save" else 5))
+        torch.manual_seed(0 if mode == "save" else 5)
+        model = fsdp.shard(LlamaForCausalLM(LlamaConfig(      # tied: lm_head = embed_tokens, saved once
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         if mode == "save":
@@ -160,5 +164,45 @@ def sharded_checkpoint(rank: int, world: int, port: int, root: str, mode: str) -
         weights, optim = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"weights": weights, "optim": optim["state"]}, Path(root) / f"{mode}-{world}.pt")
+    finally:
+        distributed.destroy()
+
+
+def gathered_copy(rank: int, world: int, port: int, out: str) -> None:
+    """fsdp.GatheredEngine.load_weights fills the sampler's full copy from the shards, one parameter at a
+    time: never through a full state dict (get_model_state_dict would raise here)."""
+    import torch
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    from rrr import distributed, fsdp
+    from rrr.config import compose
+    from rrr.models import load_model
+
+    join(rank, world, port)
+    try:
+        def no_full_state_dict(*a, **k):
+            raise AssertionError("a full state dict was built")
+
+        dcp_state.get_model_state_dict = no_full_state_dict
+        cfg = compose(["model=tiny-random", "model.device=cpu"])
+        model, tok = load_model(cfg.model, for_training=True)
+        expected = {k: 2 * v.detach().clone() + 1 for k, v in model.named_parameters()}
+        model = fsdp.shard(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2).add_(1)                      # the policy moved; the sampler must follow
+        loaded = []
+
+        class Engine:
+            def load_weights(self, m):
+                loaded.append(m)
+
+        engine = fsdp.GatheredEngine(cfg, tok, lambda cfg, m, t: Engine())
+        engine.load_weights(model)
+        got = dict(engine.copy.named_parameters())
+        ok = loaded == [engine.copy] and got.keys() == expected.keys() and \
+            all(torch.equal(got[k], v) for k, v in expected.items())
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(ok))
     finally:
         distributed.destroy()

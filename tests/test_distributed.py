@@ -148,6 +148,13 @@ def test_fsdp_two_ranks_give_the_single_process_full_fine_tune(tmp_path, failure
         shutil.rmtree(two / "checkpoints" / name)
     dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, two, *full, "train.parallel=fsdp"))
     assert_same_run(one, two, weights="model.safetensors")
+    # the step-2 checkpoint holds 2 ranks' shards (torch.distributed.checkpoint): 1 rank resumes it too
+    assert sorted(p.name for p in (two / "checkpoints" / "step_00002" / "sharded").glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    for name in ("step_00004", "final"):
+        shutil.rmtree(two / "checkpoints" / name)
+    dist_workers.spawn(dist_workers.train, 1, train_overrides(failures, two, *full, "train.parallel=fsdp"))
+    assert_same_run(one, two, weights="model.safetensors")
 
 
 def test_fsdp_settings_fail_with_one_line(failures, tmp_path):
@@ -311,6 +318,10 @@ def test_fsdp_checkpoints_are_sharded_and_resume_on_another_rank_count(tmp_path)
     step = tmp_path / "checkpoints" / "step_00001"
     shards = sorted(p.name for p in (step / "sharded").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(step / "sharded")).read_metadata().state_dict_metadata.keys()
+    assert "model.model.embed_tokens.weight" in keys and "model.lm_head.weight" not in keys   # tied: once
     assert not list(step.glob("*.safetensors")) and (step / "config.json").exists()
     assert torch.load(step / "trainer_state.pt", weights_only=False)["optimizer"] is None
     saved = torch.load(tmp_path / "save-2.pt", weights_only=False)
@@ -326,3 +337,9 @@ def test_fsdp_checkpoints_are_sharded_and_resume_on_another_rank_count(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "final")
     for k, v in hf.state_dict().items():
         assert torch.equal(v, saved["weights"][k]), k
+
+
+def test_the_fsdp_sampler_copy_is_gathered_parameter_by_parameter(tmp_path):
+    out = tmp_path / "ok"
+    dist_workers.spawn(dist_workers.gathered_copy, 2, str(out))
+    assert [Path(f"{out}.{r}").read_text() for r in (0, 1)] == ["True", "True"]
