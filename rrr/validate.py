@@ -30,16 +30,16 @@ def check_sampling(node: Any, where: str) -> None:
     """temperature >= 0 (0 = greedy in both engines), 0 < top_p <= 1, max_tokens >= 1."""
     t, p, m = node.get("temperature", 1.0), node.get("top_p", 1.0), node.get("max_tokens")
     if _num(t, f"{where}.temperature") < 0:
-        raise UserError(f"{where}.temperature={t} must be >= 0 (0 = greedy)")
+        raise ConfigError(f"{where}.temperature={t} must be >= 0 (0 = greedy)")
     if not 0 < _num(p, f"{where}.top_p") <= 1:
-        raise UserError(f"{where}.top_p={p} must be in (0, 1] (1 = no nucleus cut)")
+        raise ConfigError(f"{where}.top_p={p} must be in (0, 1] (1 = no nucleus cut)")
     if m is None or _num(m, f"{where}.max_tokens") < 1 or int(m) != float(m):
-        raise UserError(f"{where}.max_tokens={m} must be an integer >= 1")
+        raise ConfigError(f"{where}.max_tokens={m} must be an integer >= 1")
 
 
 def check_limit(value: Any, where: str) -> None:
     if value is not None and (_num(value, where) < 0 or int(value) != float(value)):
-        raise UserError(f"{where}={value} must be null (all examples) or an integer >= 0")
+        raise ConfigError(f"{where}={value} must be null (all examples) or an integer >= 0")
 
 
 def check(cfg: DictConfig, command: str) -> None:
@@ -51,21 +51,21 @@ def check(cfg: DictConfig, command: str) -> None:
             check_sampling(cfg.eval.sampling[seg], f"eval.sampling.{seg}")
         check_limit(cfg.eval.limit, "eval.limit")
         if _num(cfg.eval.bootstrap_samples, "eval.bootstrap_samples") < 1:
-            raise UserError(f"eval.bootstrap_samples={cfg.eval.bootstrap_samples} must be >= 1 (default 2000)")
+            raise ConfigError(f"eval.bootstrap_samples={cfg.eval.bootstrap_samples} must be >= 1 (default 2000)")
     elif command == "train":
         for seg in SAMPLED:
             check_sampling(cfg.train.sampling[seg], f"train.sampling.{seg}")
         if not _num(cfg.train.lr, "train.lr") > 0:
-            raise UserError(f"train.lr={cfg.train.lr} must be > 0")
+            raise ConfigError(f"train.lr={cfg.train.lr} must be > 0")
         for key in ("beta", "epsilon", "epsilon_high", "max_grad_norm", "weight_decay"):
             if _num(cfg.train[key], f"train.{key}") < 0:
-                raise UserError(f"train.{key}={cfg.train[key]} must be >= 0")
+                raise ConfigError(f"train.{key}={cfg.train[key]} must be >= 0")
         if not 0 <= _num(cfg.train.min_pass_rate, "train.min_pass_rate") <= \
                 _num(cfg.train.max_pass_rate, "train.max_pass_rate") <= 1:
-            raise UserError("train.min_pass_rate <= train.max_pass_rate must both lie in [0, 1]")
+            raise ConfigError("train.min_pass_rate <= train.max_pass_rate must both lie in [0, 1]")
         keep = cfg.train.get("keep_checkpoints")
         if keep is not None and (_num(keep, "train.keep_checkpoints") < 0 or int(keep) != float(keep)):
-            raise UserError(f"train.keep_checkpoints={keep} must be null or 0 (keep all) or an integer >= 1 "
+            raise ConfigError(f"train.keep_checkpoints={keep} must be null or 0 (keep all) or an integer >= 1 "
                             "(the newest N step checkpoints are kept, plus final)")
     if cfg.task.name == "countdown" and cfg.task.source == "generated":
         from rrr.tasks.countdown import Knobs
@@ -253,7 +253,7 @@ def _num(value: Any, where: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}={value!r} is not a number") from None
+        raise ConfigError(f"{where}={value!r} is not a number") from None
 
 
 def check_logger(cfg: DictConfig) -> None:
@@ -263,7 +263,7 @@ def check_logger(cfg: DictConfig) -> None:
         return
     mode = str(logger.get("mode", "offline"))
     if mode not in ("online", "offline", "disabled"):
-        raise UserError(f"logger.mode={mode!r}; valid choices: online, offline, disabled")
+        raise ConfigError(f"logger.mode={mode!r}; valid choices: online, offline, disabled")
     if mode == "online" and not wandb_logged_in():
         raise UserError("logger.mode=online needs a wandb login: run `wandb login` or set WANDB_API_KEY, "
                         "or use logger.mode=offline (sync later with `wandb sync`)")

@@ -69,6 +69,7 @@ def test_train_settings_a_library_would_reject(tmp_path, failures, never_load, e
                  "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash_attn package",
                  marks=NO_CUDA),
     ([*EVAL, "model.attn_implementation=fast"], "model.attn_implementation='fast'; valid choices: eager, sdpa"),
+    ([*COLLECT, "collect.temperature=-1"], "collect.temperature=-1 must be >= 0"),   # the earlier checks: 2 too
 ])
 def test_collect_and_evaluate_settings_a_library_would_reject(tmp_path, never_load, args, needle):
     result = cli(*args, f"out_root={tmp_path / 'out'}")
