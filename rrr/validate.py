@@ -22,8 +22,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from rrr.config import ConfigError, UserError
-
-SAMPLED = ("attempt1", "reflection", "attempt2")
+from rrr.episode import SAMPLED_SEGMENTS as SAMPLED
 
 
 def check_sampling(node: Any, where: str) -> None:
