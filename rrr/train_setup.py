@@ -158,9 +158,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.keep_checkpoints`,
+    `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    train.pop("save_every")
+    for key in ("save_every", "keep_checkpoints"):
+        train.pop(key, None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),

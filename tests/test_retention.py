@@ -78,9 +78,8 @@ def test_a_deletion_killed_midway_leaves_a_tombstone_the_loader_ignores(tmp_path
 
 @pytest.mark.parametrize("value", ["-1", "1.5"])
 def test_a_bad_keep_checkpoints_is_refused(value):
-    cfg = compose(["task=countdown", f"train.keep_checkpoints={value}"])
-    with pytest.raises(UserError, match="train.keep_checkpoints"):
-        check(cfg, "train")
+    with pytest.raises(UserError, match="train.keep_checkpoints"):      # Hydra's type check, or ours
+        check(compose(["task=countdown", f"train.keep_checkpoints={value}"]), "train")
 
 
 def test_a_run_keeps_what_it_is_told_and_resumes_with_another_limit(tmp_path, failures, monkeypatch):
@@ -90,7 +89,7 @@ def test_a_run_keeps_what_it_is_told_and_resumes_with_another_limit(tmp_path, fa
     trainer_fakes.install(monkeypatch, trainer)
     args = ["task=countdown", "model=tiny-random", f"train.failures={failures}", f"run_dir={tmp_path / 'run'}",
             "train.batch_queries=2", "train.group_size=2", "train.save_every=1", "log.progress=false",
-            "engine.max_logprob_diff=null", *[f"train.sampling.{s}.max_tokens=4" for s in trainer.SEGMENTS]]
+            "engine.max_logprob_diff=null", *[f"train.sampling.{s}.max_tokens=4" for s in ("attempt1", "reflection", "attempt2")]]
     run = trainer.run(compose([*args, "train.steps=4", "train.keep_checkpoints=3"]))
     assert names(run) == {"step_00002", "step_00003", "step_00004", "final"}
     for name in ("final", "step_00004"):              # as if killed after step 3's checkpoint
