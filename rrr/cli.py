@@ -47,7 +47,8 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         distributed.init(cfg.get("dist", {}).get("timeout_s"))
     except ConfigError as e:
         _fail(str(e), 2)
-    preemption.install()                 # SIGTERM / SIGUSR1: save at the next safe point, exit 75
+    if module in preemption.POLLED:      # SIGTERM / SIGUSR1: save at the next safe point, exit 75
+        preemption.install()
     try:
         run(cfg)
     except preemption.Preempted as e:

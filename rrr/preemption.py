@@ -20,6 +20,7 @@ from typing import Any
 from rrr import distributed as dist
 
 EXIT_RESUME = 75
+POLLED = ("trainer", "failures", "evaluate")    # the pipelines that poll the flag; others keep the defaults
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _state: dict[str, Any] = {"signal": None, "previous": {}}
 

@@ -125,3 +125,20 @@ def test_every_rank_stops_when_one_is_signalled(tmp_path):
     dist_workers.spawn(dist_workers.preempt_one, 2, str(out))
     got = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert got == [[False, True, False], [False, True, True]]   # rank 0 was not signalled, and stops too
+
+
+@pytest.mark.parametrize("command, module, caught", [("train", "trainer", True), ("verify", "verify", False)])
+def test_only_the_pipelines_that_poll_catch_the_signals(monkeypatch, command, module, caught):
+    """A command that never polls the flag (verify, benchmark) keeps SIGTERM's default: it must still die."""
+    from importlib import import_module
+
+    from typer.testing import CliRunner
+
+    from rrr.cli import app
+
+    seen = {}
+    monkeypatch.setattr(import_module(f"rrr.{module}"), "run",
+                        lambda cfg: seen.update(handler=signal.getsignal(signal.SIGTERM)))
+    CliRunner().invoke(app, [command, "task=countdown"])
+    assert (seen["handler"] is preemption._on_signal) == caught
+    assert signal.getsignal(signal.SIGTERM) is not preemption._on_signal        # restored after the run
