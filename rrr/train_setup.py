@@ -20,7 +20,7 @@ from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.logprobs import masked_logprobs
 from rrr.tasks import Example
-from rrr.validate import check as check_settings, check_logger
+from rrr.validate import check as check_settings, check_logger, library_errors
 
 COMMAND = "train"
 
@@ -66,13 +66,15 @@ def build_policy(cfg: DictConfig):
     malloc_mmap_threshold(int(cfg.train.malloc_mmap_threshold_mb * 2**20))
     model, tokenizer = load_model(cfg.model, for_training=True)
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with library_errors(f"gradient checkpointing on model {cfg.model.name}", "train.gradient_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.finetune == "lora":
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of model {cfg.model.name} has no pad token; set one in the model config")
     if cfg.train.parallel == "fsdp":
-        model = fsdp.shard(model)
+        with library_errors(f"sharding model {cfg.model.name} with FSDP2", "train.parallel=fsdp (and model.*)"):
+            model = fsdp.shard(model)
     return model, tokenizer
 
 

@@ -122,3 +122,18 @@ def test_the_net_passes_user_errors_and_keeps_the_traceback_on_request(monkeypat
     with pytest.raises(ZeroDivisionError):
         with library_errors("x", "y"):
             1 / 0
+
+
+def test_a_transformers_refusal_in_the_trainers_setup_names_the_setting(tmp_path, failures, monkeypatch):
+    """The net at the trainer's own library calls: a model without gradient checkpointing support."""
+    from transformers import PreTrainedModel
+
+    def unsupported(self, **kwargs):
+        raise ValueError(f"{type(self).__name__} does not support gradient checkpointing.")
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", unsupported)
+    result = cli(*train_args(failures), f"out_root={tmp_path / 'out'}")
+    line = assert_one_line_error(result, "gradient checkpointing on model tiny-random failed (ValueError: "
+                                         "LlamaForCausalLM does not support gradient checkpointing.)")
+    assert "check train.gradient_checkpointing" in line and result.exit_code == 1
+    assert not (tmp_path / "out").exists()
