@@ -106,6 +106,7 @@ class TrainConfig:
     batch_queries: int = MISSING
     group_size: int = MISSING
     micro_batch_size: int = MISSING
+    shared_prefix: bool = MISSING
     lr: float = MISSING
     lr_schedule: LrSchedule = MISSING
     warmup_steps: int = MISSING

@@ -30,12 +30,12 @@ from omegaconf import DictConfig
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import fsdp, grpo, preemption, rollout, sync
+from rrr import fsdp, grpo, preemption, rollout, shared_prefix, sync
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, collate
 from rrr.failure_set import FailureCursor, check_stored_prompts, load_failure_set
 from rrr.leak import apply_leak_policy, leak_flags
-from rrr.logprobs import masked_logprobs, segment_temperatures
+from rrr.logprobs import segment_temperatures
 from rrr.rollout import sampling_from_cfg
 from rrr.runs import (MetricsWriter, check_resumable, claim_run_dir, lock_run_dir, plan_run_dir,
                       update_manifest, write_run_files)
@@ -282,7 +282,9 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    micro = torch.arange(len(episodes)).split(t.micro_batch_size) if episodes else ()
+    shared = t.shared_prefix                            # each group's prefix through the backbone once (exact)
+    micro = shared_prefix.update_micro_batches(batch["input_ids"], batch["attention_mask"], batch["segment_ids"],
+                                               t.micro_batch_size, shared)   # shared: whole groups
     for mb in fsdp.pad_micro_batches(model, micro):
         if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
             fsdp.idle_step(model, reference, tokenizer.pad_token_id, t.logprob_chunk_size)
@@ -292,10 +294,11 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         # the retry's share of the update's compute.
         cols = mask[mb].any(0).nonzero()
         width = int(cols.max()) + 1 if len(cols) else 1
-        ids, attn, m, temp = (x[mb, :width].to(device)
-                              for x in (batch["input_ids"], batch["attention_mask"], mask, temps))
-        logp, entropy = masked_logprobs(model, ids, attn, m, t.logprob_chunk_size, temp)  # [b, T]
-        ref_logp = reference(ids, attn, m, temp) if reference is not None else None   # [b, T]
+        ids, attn, m, temp, segs = (x[mb, :width].to(device) for x in (batch["input_ids"], batch["attention_mask"],
+                                                                         mask, temps, batch["segment_ids"]))
+        segs = segs if shared else None                 # segment ids: where each group's prefix ends
+        logp, entropy = shared_prefix.update_logprobs(model, ids, attn, m, t.logprob_chunk_size, temp, segs)  # [b, T]
+        ref_logp = reference(ids, attn, m, temp, segs) if reference is not None else None   # [b, T]
         sampler_logp = batch["old_logprobs"][mb, :width].to(device)                       # [b, T]
         tis = t.is_correction == "token_tis"          # truncated IS for the sampler ≠ trainer gap
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
@@ -307,6 +310,8 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         loss.backward()
         stats["loss"] = loss.item()
         stats["sampler_logp_diff"] = sampler_abs_diff_sum(logp.detach().cpu(), sampler_logp.cpu(), m.cpu())
+        stats.update(shared_prefix.update_token_stats(*(x[mb, :width] for x in (batch["input_ids"], batch["attention_mask"],
+                                                                                 mask, batch["segment_ids"])), shared))
         if tis:
             stats.update(grpo.tis_stats(logp, sampler_logp, m, t.is_cap))
         accumulate(totals, stats)
