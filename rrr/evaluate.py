@@ -36,6 +36,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
+from rrr import preemption
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import reflection_leaks
@@ -360,12 +361,16 @@ def run(cfg: DictConfig) -> Path:
         task = get_task(ts.task)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example",
                    desc=f"evaluate {ts.name}" if not single else "evaluate", disable=not cfg.log.progress or not dist.is_main())
+        written = len(examples) - len(todo)
         for batch in chunks(todo, int(cfg.eval.batch_queries)):
             # under torchrun each rank evaluates its share of the batch; rank 0 writes the merged part
             rows = dist.map_shards(lambda part: evaluate_batch(engine, tokenizer, task, part, ts.cfg, stats), batch)
             if dist.is_main():
                 write_part(parts, rows)
             bar.update(len(batch))
+            written += len(batch)
+            if preemption.requested_everywhere():      # SIGTERM/SIGUSR1: this part is written; exit 75
+                raise preemption.Preempted(run_dir, f"{written} of {len(examples)} examples of {ts.name} in parts/")
         bar.close()
     tp = dist.sum_over_ranks(throughput(stats))
     if not dist.is_main():

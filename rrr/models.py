@@ -257,11 +257,19 @@ def load_tokenizer_only(name_or_cfg: str | DictConfig | dict):
 
 def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) on the configured device and dtype. `for_training=False` returns the model
-    in eval mode with gradients off; `True` in train mode (an adapter from `model.path` trainable)."""
+    in eval mode with gradients off; `True` in train mode (an adapter from `model.path` trainable).
+    A library error on the way is one line naming the model settings (rrr.validate.library_errors)."""
+    from rrr.validate import library_errors
+
+    cfg = _cfg(model_cfg)
+    with library_errors(f"loading model {cfg.name}", "model.* (path, dtype, device, attn_implementation)"):
+        return _load_model(cfg, for_training)
+
+
+def _load_model(cfg: DictConfig, for_training: bool) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(model_cfg)
     device = resolve_device(cfg.device)
     kwargs = {"dtype": resolve_dtype(cfg.dtype, device), "attn_implementation": cfg.attn_implementation}
     tokenizer = load_tokenizer_only(cfg)
@@ -308,10 +316,41 @@ def apply_lora(model, model_cfg: DictConfig | dict):
 
     if isinstance(model, PeftModel):
         return model
+    from rrr.validate import library_errors
+
     lora = _cfg(model_cfg).lora
-    config = LoraConfig(r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
-                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with library_errors("peft's LoRA setup", "model.lora.* (r, alpha, dropout, target_modules)"):
+        config = LoraConfig(r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+
+def architecture_config(model_cfg: DictConfig | dict) -> dict[str, Any] | None:
+    """The model's config.json as a dict, read from where it already lies on disk (no weights loaded,
+    nothing downloaded or converted): a model.path directory (an adapter's: its base model's), a converted
+    embedded model, the local hub cache, or built from `model.random`. None when it is not on disk yet."""
+    cfg = _cfg(model_cfg)
+    path = Path(cfg.path) if cfg.get("path") else None
+    if path is not None and not (path / "adapter_config.json").exists():
+        found: Any = path / "config.json"
+    elif cfg.source == "random":
+        r = cfg.random
+        return {"model_type": "llama", "max_position_embeddings": int(cfg.max_context),
+                "hidden_size": int(r.hidden_size), "intermediate_size": int(r.intermediate_size),
+                "num_hidden_layers": int(r.layers), "num_attention_heads": int(r.heads),
+                "num_key_value_heads": int(r.kv_heads), "tie_word_embeddings": True}
+    elif cfg.source == "embedded" and cfg.name in EMBEDDED:
+        found = cache_root() / "models" / f"{cfg.name}-{EMBEDDED[cfg.name].sha256[:12]}" / "config.json"
+    elif cfg.source == "hub" and cfg.get("hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(cfg.hub_id), "config.json", revision=str(cfg.revision or "main"))
+    else:
+        return None
+    try:
+        return json.loads(Path(found).read_text()) if isinstance(found, (str, Path)) else None
+    except (OSError, ValueError):
+        return None
 
 
 def model_provenance(model_cfg: DictConfig | dict, model=None) -> dict[str, Any]:
@@ -384,6 +423,9 @@ def _require_dir(cfg: DictConfig, path: Path) -> None:
     if not (path / "config.json").exists():
         raise UserError(f"model.path={str(path)!r} is not a model directory (no config.json or "
                         f"adapter_config.json); point it at a saved model or a `rrr train` checkpoint")
+    if (path / "sharded").is_dir() and not any(path.glob("*.safetensors")):
+        raise UserError(f"model.path={str(path)!r} is an FSDP step checkpoint (sharded/ only, for resuming); "
+                        "evaluate the run's checkpoints/final, which holds the weights in HF format")
 
 
 def _from_hub(cls, cfg: DictConfig, **kwargs):

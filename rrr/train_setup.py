@@ -19,7 +19,7 @@ from rrr import fsdp, shared_prefix
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.tasks import Example
-from rrr.validate import check as check_settings, check_logger
+from rrr.validate import check as check_settings, check_logger, library_errors
 
 COMMAND = "train"
 
@@ -71,7 +71,8 @@ def build_policy(cfg: DictConfig):
     malloc_mmap_threshold(int(cfg.train.malloc_mmap_threshold_mb * 2**20))
     model, tokenizer = load_model(cfg.model, for_training=True)
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with library_errors(f"gradient checkpointing on model {cfg.model.name}", "train.gradient_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.finetune == "lora":
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
@@ -79,7 +80,8 @@ def build_policy(cfg: DictConfig):
     if cfg.train.shared_prefix:
         shared_prefix.check_model(model)     # an attention a 4D mask cannot express: refused before any step
     if cfg.train.parallel == "fsdp":
-        model = fsdp.shard(model)
+        with library_errors(f"sharding model {cfg.model.name} with FSDP2", "train.parallel=fsdp (and model.*)"):
+            model = fsdp.shard(model)
     return model, tokenizer
 
 
@@ -166,11 +168,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.shared_prefix` (how the
-    same log-probs are computed, not which), `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.keep_checkpoints`,
+    `train.shared_prefix` (how the same log-probs are computed, not which), `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    train.pop("save_every")
-    train.pop("shared_prefix", None)
+    for key in ("save_every", "keep_checkpoints", "shared_prefix"):
+        train.pop(key, None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
