@@ -77,10 +77,12 @@ def conditions_of(cfg: DictConfig) -> list[str]:
 
 def outcome_columns(name: str, task: Any, example: Example, texts: Sequence[str],
                     correct: Sequence[bool | None]) -> dict[str, Any]:
-    """R retries of one condition: outcomes (NaN = unscorable), fix rate = mean of the scorable ones,
-    and the strict (leaderboard-format) outcomes beside them when the task has that format."""
+    """R retries of one condition: their texts, outcomes (NaN = unscorable), fix rate = mean of the
+    scorable ones, and the strict (leaderboard-format) outcomes beside them when the task has that
+    format. Columns are `<condition>_attempt2_texts`, `_correct`, `_fix_rate`, `_strict`, `_strict_fix_rate`
+    (`reflection_texts` holds the method's reflections themselves)."""
     outcomes = [np.nan if c is None else float(c) for c in correct]
-    cols = {f"{name}_texts": list(texts), f"{name}_correct": outcomes, f"{name}_fix_rate": _mean(outcomes)}
+    cols = {f"{name}_attempt2_texts": list(texts), f"{name}_correct": outcomes, f"{name}_fix_rate": _mean(outcomes)}
     if hasattr(task, "verify_strict"):
         strict = [float(bool(t) and task.verify_strict(example, t).correct) for t in texts]
         cols.update({f"{name}_strict": strict, f"{name}_strict_fix_rate": _mean(strict)})

@@ -31,6 +31,9 @@ SOLVE = [
 
 
 class StrictTask(FakeTask):
+    def answer_in(self, example, text):             # q002's reflections leak an answer
+        return example.fields["q"] == 2 and text.startswith("r ")
+
     def verify_strict(self, example, completion):
         ok = self.verify(example, completion).correct and not completion.endswith(":0")
         return Verdict(ok, "ok" if ok else "format")
@@ -71,6 +74,11 @@ def test_fix_rates_are_means_of_R_retries_per_condition(fake, tmp_path, capsys):
     assert df.generic_reflection_fix_rate.tolist() == [0.0, 1.0, 0.25]
     assert [list(x) for x in df.reflection_correct] == [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     assert [len(x) for x in df.reflection_tokens] == [R] * 3
+    # the reflections and the retries after them are kept apart
+    assert list(df.reflection_texts[0]) == ["r " * 7] * R
+    assert list(df.reflection_attempt2_texts[0]) == [f"attempt2:model:{g}" for g in range(R)]
+    assert list(df.best_of_2_attempt2_texts[0]) == [f"best_of_2:{g}" for g in range(R)]
+    assert [list(x) for x in df.reflection_leak] == [[False] * R, [True] * R, [False] * R]
     # strict: retry 0 is never in the leaderboard format here
     assert df.reflection_strict_fix_rate.tolist() == [0.5, 0.0, 0.0]
     s = json.loads((run / "summary.json").read_text())
@@ -81,6 +89,7 @@ def test_fix_rates_are_means_of_R_retries_per_condition(fake, tmp_path, capsys):
     assert d["delta"] == pytest.approx((0.5 + 0 - 0.5) / 3) and d["n"] == 3
     assert d["mde"] == pytest.approx(min_detectable_effect(clustered_se([0.5, 0.0, -0.5], [1, 2, 3])))
     assert s["failure_set"]["held_out"] == "held-out: test split" and s["failure_set"]["vanilla"]
+    assert s["reflection"]["leak_share"] == pytest.approx(1 / 3) and s["reflection"]["tokens_mean"] == 7
     out = capsys.readouterr().out
     assert "3 failures of 3 queries (held-out: test split) · R = 4" in out and "33.3" in out
 
