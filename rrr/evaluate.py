@@ -39,9 +39,13 @@ from rrr import distributed as dist
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import reflection_leaks
-from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, claim_run_dir,
-                      done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_parts, sampling_params,
-                      throughput, update_manifest, write_part, write_run_files)
+from rrr.atomic import atomic_write_json, atomic_write_parquet
+from rrr.engines import build_generator
+from rrr.models import model_provenance
+from rrr.parts import chunks, done_ids, read_parts, write_part
+from rrr.provenance import examples_sha256
+from rrr.rollout import sampling_params, throughput
+from rrr.run_dir import RunDir
 from rrr.validate import check as check_settings
 from rrr.stats import bootstrap_ci, distinct_ngram_ratio
 from rrr.tasks import Example, excluded_ids, get_task
@@ -312,28 +316,25 @@ def run(cfg: DictConfig) -> Path:
     sets = resolve_test_sets(cfg)
     examples_of = {ts.name: load_examples(ts, cfg) for ts in sets}
     everything = [e for ts in sets for e in examples_of[ts.name]]
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # rank 0 names it for all
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)                      # before reading its parts: one writer per run dir
     fp = fingerprint(cfg)
     if set_fingerprint(sets) is not None:
         fp["test_sets"] = set_fingerprint(sets)
-    check_resumable(run_dir, COMMAND, fp)
+    rundir = RunDir.open(cfg, COMMAND, fp)     # named by rank 0, locked before its parts are read
+    run_dir = rundir.path
     todo_of = {}
     for ts in sets:
         done = dist.from_main(lambda: done_ids(parts_dir(run_dir, ts), key="example_id"))   # every rank: same list
         todo_of[ts.name] = [e for e in examples_of[ts.name] if e.id not in done]
     engine, tokenizer = build_generator(cfg) if any(todo_of.values()) else (None, None)
     # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
-    claim_run_dir(run_dir)
+    rundir.claim()
     model_path = cfg.model.get("path")
     label = "trained" if model_path else "vanilla"
     single = len(sets) == 1
-    write_run_files(run_dir, cfg, COMMAND, extra={
-        "resume_fingerprint": fp,
+    rundir.write_run_files(cfg, extra={
         "task": cfg.task.name,
         "split": str(cfg.eval.split),
-        "model": model_info(cfg),
+        "model": model_provenance(cfg.model),
         "model_label": label,
         "train_run": train_run_of(model_path),
         "engine": OmegaConf.to_container(cfg.engine, resolve=True),
@@ -384,7 +385,7 @@ def run(cfg: DictConfig) -> Path:
     top = per_set[sets[0].name] if single else {"n": len(df)}
     summary = {**top, "task": cfg.task.name, **common, "test_sets": per_set}
     atomic_write_json(run_dir / "summary.json", summary)
-    update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish()
     for name, s in per_set.items():
         print(format_table({**s, **common, "task": s["task"] if single else f"{name} ({s['task']})"}, controls))
     print(f"results: {run_dir / 'results.parquet'}")

@@ -36,9 +36,13 @@ from rrr.engines.base import Sample
 from rrr.evaluate import REFLECTION_MODE, controls_of, segment_sampling, train_run_of
 from rrr.failures import load_failures
 from rrr.leak import reflection_leaks
-from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks,
-                      claim_run_dir, done_ids, lock_run_dir, model_info, plan_run_dir, read_manifest, read_parts,
-                      sha256_file, throughput, update_manifest, write_part, write_run_files)
+from rrr.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
+from rrr.engines import build_generator
+from rrr.models import model_provenance
+from rrr.parts import chunks, done_ids, read_parts, write_part
+from rrr.provenance import sha256_file
+from rrr.rollout import throughput
+from rrr.run_dir import RunDir, read_manifest
 from rrr.stats import cluster_bootstrap_mean, clustered_se, min_detectable_effect, paired_cluster_bootstrap_diff
 from rrr.tasks import Example, get_task
 from rrr.validate import check as check_settings
@@ -321,21 +325,18 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"eval.failures={failures_dir} holds {examples[0].task} failures, not task={cfg.task.name}")
     failures = failures_of(examples, stored, int(cfg.eval.attempts_per_query))
     task, info = get_task(cfg.task.name), failure_set_info(failures_dir)
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)
-    fp = fingerprint(cfg, info)
-    check_resumable(run_dir, COMMAND, fp)
+    rundir = RunDir.open(cfg, COMMAND, fingerprint(cfg, info))   # named by rank 0, locked before parts are read
+    run_dir = rundir.path
     parts = run_dir / "parts"
     done = dist.from_main(lambda: done_ids(parts, key="pair_id"))
     todo = [f for f in failures if f.pair_id not in done]
     engine, tokenizer = build_generator(cfg) if todo else (None, None)
     if todo:
         check_prompts(tokenizer, task, examples, stored, cfg.prompts, str(failures_dir))
-    claim_run_dir(run_dir)
+    rundir.claim()
     label = "trained" if cfg.model.get("path") else "vanilla"
-    write_run_files(run_dir, cfg, COMMAND, extra={
-        "resume_fingerprint": fp, "task": cfg.task.name, "model": model_info(cfg), "model_label": label,
+    rundir.write_run_files(cfg, extra={
+        "task": cfg.task.name, "model": model_provenance(cfg.model), "model_label": label,
         "train_run": train_run_of(cfg.model.get("path")), "failure_set": info, "conditions": conditions_of(cfg),
         "R": int(cfg.eval.reflections_per_failure), "failures": len(failures), "queries": len(examples),
         "seeds": {"run_seed": int(cfg.seed), "step": "stored attempt index",
@@ -357,7 +358,7 @@ def run(cfg: DictConfig) -> Path:
                "model": str(cfg.model.name), "label": label, "R": int(cfg.eval.reflections_per_failure),
                "failure_set": info, "task": cfg.task.name, **tp, "wall_s": round(time.time() - t0, 2)}
     atomic_write_json(run_dir / "summary.json", summary)
-    update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish()
     print(format_summary(summary))
     print(f"results: {run_dir / 'results.parquet'}")
     return run_dir
@@ -389,7 +390,6 @@ def write_comparison(vanilla_dir: str | Path, trained_dir: str | Path, out: str 
     out = Path(out)
     atomic_write_json(out / "failure_eval.json", {"vanilla": str(vanilla_dir), "trained": str(trained_dir),
                                                   **comparison})
-    from rrr.runs import atomic_write_text
 
     atomic_write_text(out / "failure_eval.md", "\n".join(["```", *lines, "```", ""]))
     return lines

@@ -18,7 +18,8 @@ from rrr import grpo
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import leak_flags, leak_share
-from rrr.runs import atomic_write_parquet, update_manifest
+from rrr.atomic import atomic_write_parquet
+from rrr.run_dir import update_manifest
 from rrr.tasks import Example
 
 
@@ -71,13 +72,17 @@ def generated_tokens(groups: Sequence[Sequence[Any]]) -> int:
 
 
 MAX_STATS = ("ratio_max", "is_ratio_max")
+# sums over micro-batches and ranks; `update/*`: tokens through the backbone per forward pass (the policy's;
+# the reference reads the same), and what the shared-prefix update did not send (0 with shared_prefix=false)
+SUM_STATS = ("loss", "policy_loss", "kl", "reflection_tokens", "update/backbone_tokens",
+             "update/prefix_tokens_saved", "update/prefix_fallback_episodes")
 
 
 def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
     """Sum what sums over micro-batches; weight token means by the micro-batch's reflection tokens."""
     n = stats["reflection_tokens"]
     for key, value in stats.items():
-        if key in ("loss", "policy_loss", "kl", "reflection_tokens"):
+        if key in SUM_STATS:
             totals[key] = totals.get(key, 0.0) + value
         elif key in MAX_STATS:
             totals[key] = max(totals.get(key, -math.inf), value)
@@ -89,7 +94,7 @@ def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
 
 def finish_stats(totals: dict[str, float], grad_norm: float) -> dict[str, float]:
     n = max(totals.get("reflection_tokens", 0.0), 1.0)
-    out = {k: v / n if k not in ("loss", "policy_loss", "kl", "reflection_tokens", *MAX_STATS) else v
+    out = {k: v / n if k not in (*SUM_STATS, *MAX_STATS) else v
            for k, v in totals.items()}
     out["grad_norm"] = grad_norm
     return out
@@ -145,7 +150,8 @@ def ranks_note(run_dir: Path) -> str:
 def empty_update() -> dict[str, float]:
     return {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0,
             "clip_frac_low": 0.0, "clip_frac_high": 0.0, "reflection_tokens": 0, "entropy": 0.0,
-            "sampler_logp_diff": 0.0, "grad_norm": 0.0}
+            "sampler_logp_diff": 0.0, "grad_norm": 0.0, "update/backbone_tokens": 0, "update/prefix_tokens_saved": 0,
+            "update/prefix_fallback_episodes": 0}
 
 
 def sampler_abs_diff_sum(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> float:
@@ -211,5 +217,5 @@ def build_logger(cfg: DictConfig, run_dir: Path, run_id: str | None) -> Logger:
 def progress(cfg: DictConfig, start: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=int(cfg.train.steps), initial=start, unit="step", desc="train",
+    return tqdm(total=cfg.train.steps, initial=start, unit="step", desc="train",
                 disable=not cfg.log.progress or not dist.is_main())

@@ -15,11 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
-from rrr import fsdp, grpo
+from rrr import fsdp, shared_prefix
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
-from rrr.leak import LEAK_MODES
-from rrr.logprobs import masked_logprobs
 from rrr.tasks import Example
 from rrr.validate import check as check_settings, check_logger
 
@@ -30,49 +28,35 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.train
     check_settings(cfg, COMMAND)
     check_logger(cfg)
-    choices = {"finetune": ("lora", "full"), "attempt1": ("stored", "online"), "zero_std": ("keep", "skip", "resample", "dynamic"),
-               "lr_schedule": ("cosine", "constant"), "kl_estimator": ("k1", "k3"),
-               "scale_rewards": ("group", "none"), "loss_agg": grpo.LOSS_AGGREGATIONS,
-               "is_correction": grpo.IS_CORRECTIONS}
-    for key, allowed in choices.items():
-        if t[key] not in allowed:
-            raise UserError(f"train.{key}={t[key]!r}; valid choices: {', '.join(allowed)}")
+    # types and choices: Hydra refused bad ones while composing (rrr/config_schema.py); ranges here
     for key in ("steps", "batch_queries", "group_size", "micro_batch_size", "save_every"):
-        if int(t[key]) < 1:
+        if t[key] < 1:
             raise UserError(f"train.{key} must be >= 1")
-    try:
-        mmap_mb = float(t.malloc_mmap_threshold_mb)
-    except (TypeError, ValueError):
-        mmap_mb = -1.0
-    if not mmap_mb >= 0:
+    if not t.malloc_mmap_threshold_mb >= 0:
         raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
-    if t.zero_std == "dynamic" and int(t.max_draws) < 1:
+    if t.zero_std == "dynamic" and t.max_draws < 1:
         raise UserError(f"train.max_draws={t.max_draws}: dynamic sampling needs at least one draw a step (e.g. 4)")
-    buffer, cap = int(t.overlong_buffer), int(t.sampling.reflection.max_tokens)
-    if not 0 <= buffer <= cap or float(t.overlong_penalty) < 0:
+    buffer, cap = t.overlong_buffer, t.sampling.reflection.max_tokens
+    if not 0 <= buffer <= cap or t.overlong_penalty < 0:
         raise UserError(f"train.overlong_buffer={buffer} must lie in [0, train.sampling.reflection.max_tokens="
                         f"{cap}] and train.overlong_penalty={t.overlong_penalty} be >= 0 (0 buffer = off)")
-    if int(t.group_size) < 2:
+    if t.group_size < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
-    if t.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
     fsdp.check(cfg)
-    if t.leak not in LEAK_MODES:
-        raise UserError(f"train.leak={t.leak!r}; valid choices: {', '.join(LEAK_MODES)}")
-    if t.is_correction == "token_tis" and not float(t.is_cap) >= 1:
+    if t.is_correction == "token_tis" and not t.is_cap >= 1:
         raise UserError(f"train.is_cap={t.is_cap}: the truncation cap C must be >= 1 (verl, TRL: 2)")
     trained = t.sampling.reflection           # the loss is on reflection tokens: their log-probs must be exact
-    if not float(trained.temperature) > 0:
+    if not trained.temperature > 0:
         raise UserError(f"train.sampling.reflection.temperature={trained.temperature}: training needs T > 0 "
                         "(a greedy token has no sampling distribution to score)")
-    if float(trained.top_p) != 1.0:
+    if trained.top_p != 1.0:
         raise UserError(f"train.sampling.reflection.top_p={trained.top_p}: training supports only top_p=1 "
                         "(the trainer scores the full tempered softmax, not the renormalised nucleus)")
 
 
 def sampling_temperatures(sampling_cfg) -> dict[Segment, float]:
     """The temperature each sampled segment was drawn at (the trainer and reference score logits / T)."""
-    return {Segment[name.upper()]: float(sampling_cfg[name].temperature) or 1.0 for name in SAMPLED_SEGMENTS}
+    return {Segment[name.upper()]: sampling_cfg[name].temperature or 1.0 for name in SAMPLED_SEGMENTS}
 
 
 def seed_everything(seed: int) -> None:
@@ -84,7 +68,7 @@ def seed_everything(seed: int) -> None:
 def build_policy(cfg: DictConfig):
     from rrr.models import apply_lora, load_model
 
-    malloc_mmap_threshold(int(float(cfg.train.malloc_mmap_threshold_mb) * 2**20))
+    malloc_mmap_threshold(int(cfg.train.malloc_mmap_threshold_mb * 2**20))
     model, tokenizer = load_model(cfg.model, for_training=True)
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -92,6 +76,8 @@ def build_policy(cfg: DictConfig):
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of model {cfg.model.name} has no pad token; set one in the model config")
+    if cfg.train.shared_prefix:
+        shared_prefix.check_model(model)     # an attention a 4D mask cannot express: refused before any step
     if cfg.train.parallel == "fsdp":
         model = fsdp.shard(model)
     return model, tokenizer
@@ -121,14 +107,15 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
     """π_ref log-probs on the loss positions: the policy the run starts from, frozen. For LoRA on a bare
     base model that is the policy with its adapters disabled (no copy); when the run starts from a
     trained adapter (`model.path` = a LoRA checkpoint) or fine-tunes fully, a frozen copy of the initial
-    model (the adapter merged in). None when β = 0: no reference is loaded or computed."""
-    if float(cfg.train.beta) == 0:
+    model (the adapter merged in). None when β = 0: no reference is loaded or computed. Called with
+    segment_ids [B, T] it encodes each group's prefix once (`rrr.shared_prefix`), as the policy does."""
+    if cfg.train.beta == 0:
         return None
-    chunk = int(cfg.train.logprob_chunk_size)
+    chunk = cfg.train.logprob_chunk_size
     if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):
-        def lora_reference(ids, attention_mask, mask, temperature=1.0):
+        def lora_reference(ids, attention_mask, mask, temperature=1.0, segment_ids=None):
             with torch.no_grad(), model.disable_adapter():
-                return masked_logprobs(model, ids, attention_mask, mask, chunk, temperature)[0]
+                return shared_prefix.update_logprobs(model, ids, attention_mask, mask, chunk, temperature, segment_ids)[0]
         return lora_reference
     if fsdp.is_sharded(model):                       # a sharded policy cannot be copied: load and shard again
         frozen = fsdp.shard(fsdp.fresh_copy(cfg).requires_grad_(False)).eval()
@@ -138,9 +125,9 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
             frozen = frozen.merge_and_unload()
         frozen = frozen.eval().requires_grad_(False)
 
-    def frozen_reference(ids, attention_mask, mask, temperature=1.0):
+    def frozen_reference(ids, attention_mask, mask, temperature=1.0, segment_ids=None):
         with torch.no_grad():
-            return masked_logprobs(frozen, ids, attention_mask, mask, chunk, temperature)[0]
+            return shared_prefix.update_logprobs(frozen, ids, attention_mask, mask, chunk, temperature, segment_ids)[0]
     return frozen_reference
 
 
@@ -151,9 +138,9 @@ def starts_from_adapter(cfg: DictConfig) -> bool:
 def build_optimizer(cfg: DictConfig, model):
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay),
-                                  betas=(float(t.adam_betas[0]), float(t.adam_betas[1])))
-    schedule = lr_lambda(int(t.warmup_steps), int(t.steps), t.lr_schedule)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                  betas=(t.adam_betas[0], t.adam_betas[1]))
+    schedule = lr_lambda(t.warmup_steps, t.steps, t.lr_schedule)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -179,9 +166,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.shared_prefix` (how the
+    same log-probs are computed, not which), `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     train.pop("save_every")
+    train.pop("shared_prefix", None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
@@ -189,7 +178,7 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
-    from rrr.runs import examples_sha256
+    from rrr.provenance import examples_sha256
     from rrr.models import model_provenance
 
     return {"resume_fingerprint": resume_fingerprint(cfg),

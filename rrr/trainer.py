@@ -32,15 +32,15 @@ from omegaconf import DictConfig
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import fsdp, grpo, rollout, sync
+from rrr import fsdp, grpo, rollout, shared_prefix, sync
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, collate
 from rrr.failure_set import FailureCursor, check_stored_prompts, load_failure_set
 from rrr.leak import apply_leak_policy, leak_flags
-from rrr.logprobs import masked_logprobs, segment_temperatures
+from rrr.logprobs import segment_temperatures
 from rrr.rollout import sampling_from_cfg
-from rrr.runs import (MetricsWriter, check_resumable, claim_run_dir, lock_run_dir, plan_run_dir,
-                      update_manifest, write_run_files)
+from rrr.metrics_file import MetricsWriter
+from rrr.run_dir import RunDir
 from rrr.config import UserError
 from rrr.tasks import Example, get_task
 from rrr.train_log import (Logger, accumulate, build_logger, empty_update, finish_stats, main_print, progress,
@@ -72,10 +72,8 @@ class Rollouts:
 def run(cfg: DictConfig) -> Path:
     t = cfg.train
     validate(cfg)
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # not created yet; rank 0 names it for all
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)                        # one writer per run dir: rank 0, the only one that writes
-    check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
+    rundir = RunDir.open(cfg, COMMAND, resume_fingerprint(cfg))   # named by rank 0, locked, other settings refused
+    run_dir = rundir.path
     examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate, cfg.task.name)
     if t.batch_queries > len(examples):
         raise UserError(f"train.batch_queries={t.batch_queries} > the {len(examples)} failed queries in "
@@ -91,10 +89,10 @@ def run(cfg: DictConfig) -> Path:
     if t.attempt1 == "stored":
         check_stored_prompts(tokenizer, task, examples, stored, cfg.prompts, t.failures)
     ctx = Rollouts(engine, tokenizer, task, cfg.prompts, sampling_from_cfg(t.sampling), int(cfg.seed),
-                   int(t.group_size), t.leak)
+                   t.group_size, t.leak)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
     state = ckpt.load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-    claim_run_dir(run_dir)                           # inputs valid, model loaded: now the run dir is written
+    rundir.claim()                                   # inputs valid, model loaded: now the run dir is written
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
     if state is not None:
@@ -102,7 +100,7 @@ def run(cfg: DictConfig) -> Path:
         engine.load_weights(model)                    # the sampler must see the restored weights
         main_print(f"resuming {run_dir} from {state.path.name} (step {start}){ranks_note(run_dir)}")
     else:
-        write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
+        rundir.write_run_files(cfg, extra=train_manifest(cfg, examples))
     if dist.is_main():
         ckpt.remove_partial(run_dir)
         metrics.truncate_after(start)                 # rows of steps after the checkpoint are re-done
@@ -116,7 +114,7 @@ def run(cfg: DictConfig) -> Path:
         ctx = ctx.for_step()
         if t.zero_std == "dynamic":       # draw further failed queries until batch_queries groups are mixed
             queries, attempts1, groups, rewards, attempt1_stats, draws = dynamic_sampling(
-                ctx, cursor, examples, stored, t.attempt1, int(t.batch_queries), int(t.max_draws), step)
+                ctx, cursor, examples, stored, t.attempt1, t.batch_queries, t.max_draws, step)
         else:
             batch = dist.shard(cursor.draw(t.batch_queries))   # this rank's share, in single-process order
             queries, attempts1, groups, rewards, attempt1_stats = rollout_groups(
@@ -126,8 +124,8 @@ def run(cfg: DictConfig) -> Path:
         if t.zero_std == "resample":
             groups, rewards = resample_zero_std(ctx, queries, attempts1, step, groups, rewards, t.resample_tries)
         # advantages from the reward minus the reflection-length penalty; "mixed" stays the verifier's
-        shaped = rewards - length_penalty(groups, ctx.group_size, int(t.sampling.reflection.max_tokens),
-                                          int(t.overlong_buffer), float(t.overlong_penalty))   # [Q, G]
+        shaped = rewards - length_penalty(groups, ctx.group_size, t.sampling.reflection.max_tokens,
+                                          t.overlong_buffer, t.overlong_penalty)   # [Q, G]
         advantages = grpo.group_advantages(shaped, t.scale_rewards)            # [Q, G]
         keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample", "dynamic") else \
             torch.ones(len(groups), dtype=torch.bool)
@@ -157,8 +155,7 @@ def run(cfg: DictConfig) -> Path:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, t.steps, cursor, logger)
-    if dist.is_main():
-        update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish(final_checkpoint=str(final))        # rank 0 writes it
     main_print(f"final checkpoint: {final}\nevaluate it: rrr evaluate task={cfg.task.name} model={cfg.model.name} "
                f"model.path={final}")
     logger.finish()
@@ -334,42 +331,47 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     batch = collate(episodes, tokenizer.pad_token_id) if episodes else EMPTY_BATCH   # [N, T]: ids, masks
     mask = grpo.reflection_loss_mask(batch["segment_ids"], batch["reflection_truncated"])  # [N, T] bool
     temps = segment_temperatures(batch["segment_ids"], sampling_temperatures(t.sampling))  # [N, T]: logits / T
-    max_reflection = int(t.sampling.reflection.max_tokens)
+    max_reflection = t.sampling.reflection.max_tokens
     # the whole step's normaliser, over all ranks: each rank's gradient is its share of the global loss
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    micro = torch.arange(len(episodes)).split(int(t.micro_batch_size)) if episodes else ()
+    shared = t.shared_prefix                            # each group's prefix through the backbone once (exact)
+    micro = shared_prefix.update_micro_batches(batch["input_ids"], batch["attention_mask"], batch["segment_ids"],
+                                               t.micro_batch_size, shared)   # shared: whole groups
     for mb in fsdp.pad_micro_batches(model, micro):
         if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
-            fsdp.idle_step(model, reference, tokenizer.pad_token_id, int(t.logprob_chunk_size))
+            fsdp.idle_step(model, reference, tokenizer.pad_token_id, t.logprob_chunk_size)
             continue
         # Causal attention: tokens after the last reflection token (retry prompt, attempt 2, padding)
         # cannot change a reflection log-prob, so the forward/backward stops there. Exact, and it saves
         # the retry's share of the update's compute.
         cols = mask[mb].any(0).nonzero()
         width = int(cols.max()) + 1 if len(cols) else 1
-        ids, attn, m, temp = (x[mb, :width].to(device)
-                              for x in (batch["input_ids"], batch["attention_mask"], mask, temps))
-        logp, entropy = masked_logprobs(model, ids, attn, m, int(t.logprob_chunk_size), temp)  # [b, T]
-        ref_logp = reference(ids, attn, m, temp) if reference is not None else None   # [b, T]
+        ids, attn, m, temp, segs = (x[mb, :width].to(device) for x in (batch["input_ids"], batch["attention_mask"],
+                                                                         mask, temps, batch["segment_ids"]))
+        segs = segs if shared else None                 # segment ids: where each group's prefix ends
+        logp, entropy = shared_prefix.update_logprobs(model, ids, attn, m, t.logprob_chunk_size, temp, segs)  # [b, T]
+        ref_logp = reference(ids, attn, m, temp, segs) if reference is not None else None   # [b, T]
         sampler_logp = batch["old_logprobs"][mb, :width].to(device)                       # [b, T]
         tis = t.is_correction == "token_tis"          # truncated IS for the sampler ≠ trainer gap
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
-                                     eps_low=float(t.epsilon), eps_high=float(t.epsilon_high),
-                                     beta=float(t.beta), kl_kind=t.kl_estimator, mode=t.loss_agg,
+                                     eps_low=t.epsilon, eps_high=t.epsilon_high,
+                                     beta=t.beta, kl_kind=t.kl_estimator, mode=t.loss_agg,
                                      normaliser=normaliser, max_reflection_tokens=max_reflection,
                                      entropy=entropy,
-                                     is_weights=grpo.tis_weights(logp, sampler_logp, m, float(t.is_cap)) if tis else None)
+                                     is_weights=grpo.tis_weights(logp, sampler_logp, m, t.is_cap) if tis else None)
         loss.backward()
         stats["loss"] = loss.item()
         stats["sampler_logp_diff"] = sampler_abs_diff_sum(logp.detach().cpu(), sampler_logp.cpu(), m.cpu())
+        stats.update(shared_prefix.update_token_stats(*(x[mb, :width] for x in (batch["input_ids"], batch["attention_mask"],
+                                                                                 mask, batch["segment_ids"])), shared))
         if tis:
-            stats.update(grpo.tis_stats(logp, sampler_logp, m, float(t.is_cap)))
+            stats.update(grpo.tis_stats(logp, sampler_logp, m, t.is_cap))
         accumulate(totals, stats)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dist.all_reduce_grads(trainable)                    # Σ over ranks = the single-process gradient
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(t.max_grad_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return finish_stats(reduce_totals(totals), fsdp.scalar(grad_norm))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = "tests/test_trainer_core.py"
+SHARED = "tests/test_shared_prefix.py"
 MUTATIONS = [  # (name, file, original, mutant, tests)
     ("KL sign flipped", "rrr/grpo.py", "return pg_loss + beta * kl_loss, stats", "return pg_loss - beta * kl_loss, stats",
      [CORE + "::test_loss_is_policy_loss_plus_beta_times_kl"]),
@@ -32,19 +33,26 @@ MUTATIONS = [  # (name, file, original, mutant, tests)
      "if grpo.zero_std_groups(fresh_rewards[j:j + 1])[0]:", [CORE + "::test_resample_replaces_only_zero_std_groups_with_their_own_first_varied_draw"]),
     ("resample writes the wrong group", "rrr/trainer.py", "groups[q], rewards[q] = fresh[j], fresh_rewards[j]",
      "groups[j], rewards[j] = fresh[j], fresh_rewards[j]", [CORE + "::test_resample_replaces_only_zero_std_groups_with_their_own_first_varied_draw"]),
-    ("epoch wrap repeats a query", "rrr/trainer.py", "self.epoch + 1, 0, tuple(out)", "self.epoch + 1, 0, ()",
-     [CORE + "::test_seed_2_n_3_batch_2_no_longer_draws_the_same_query_twice"]),
-    ("reference = bare base from an adapter", "rrr/trainer.py",
+    ("epoch wrap repeats a query", "rrr/failure_set.py", "self.epoch + 1, 0, tuple(out)", "self.epoch + 1, 0, ()",
+     ["tests/test_failure_set.py::test_seed_2_n_3_batch_2_no_longer_draws_the_same_query_twice"]),
+    ("reference = bare base from an adapter", "rrr/train_setup.py",
      'if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):', 'if cfg.train.finetune == "lora":',
-     [CORE + "::test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen"]),
+     ["tests/test_train_setup.py::test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen"]),
     ("unscorable attempt 1 counted as a failure", "rrr/trainer.py",
      "scored = [bool(a.verdict.correct) for a in online if a.verdict is not rollout.UNSCORABLE]",
      "scored = [bool(a.verdict.correct) for a in online]",
      [CORE + "::test_online_unscorable_attempt1_is_counted_apart_not_as_a_failure"]),
-    ("stored prompt ids not compared", "rrr/trainer.py", "        if list(s[\"prompt_token_ids\"]) != rebuilt:",
+    ("stored prompt ids not compared", "rrr/failure_set.py", "        if list(s[\"prompt_token_ids\"]) != rebuilt:",
      "        if False:", [CORE + "::test_stored_prompt_ids_that_differ_from_the_rebuilt_prompt_are_refused"]),
     ("no_reward ignored", "rrr/leak.py", "return torch.where(leaks & ~rewards.isnan(), torch.zeros_like(rewards), rewards)",
      "return rewards", [CORE + "::test_leak_policy_zeroes_leaking_rewards_only_under_no_reward"]),
+    ("shared prefix: suffix position ids off by one", "rrr/shared_prefix.py", "torch.arange(p, p + s), j + 1",
+     "torch.arange(p + 1, p + s + 1), j + 1", [SHARED + "::test_shared_prefix_equals_per_episode_logprobs_loss_and_gradients",
+                                              SHARED + "::test_pack_restarts_suffix_positions_at_p_and_isolates_suffixes"]),
+    ("shared prefix: a suffix attends another suffix", "rrr/shared_prefix.py",
+     "((owner[:, None, :] == 0) | (owner[:, None, :] == owner[:, :, None]))",
+     "((owner[:, None, :] >= 0) | (owner[:, None, :] == owner[:, :, None]))",
+     [SHARED + "::test_shared_prefix_equals_per_episode_logprobs_loss_and_gradients"]),
 ]
 
 

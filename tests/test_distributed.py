@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dist_workers
-import trainer_fakes
+from fakes import dist_workers
+from fakes import trainer as trainer_fakes
 from rrr import distributed, trainer
 from rrr.checkpoint import latest_checkpoint
-from rrr.runs import unlock_run_dir
+from rrr.run_lock import unlock_run_dir
 from rrr.config import compose
 
 torch.set_num_threads(1)
@@ -253,9 +253,10 @@ def test_sigkill_of_one_rank_under_torchrun_then_resume_gives_the_single_process
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RRR_DIST_TIMEOUT_S": "120",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent),  # rrr, fakes
+                                          os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-            str(dist_workers.free_port()), str(Path(__file__).parent / "dist_cli.py"), "train",
+            str(dist_workers.free_port()), str(Path(__file__).parent / "fakes" / "dist_cli.py"), "train",
             *train_overrides(failures, run, "train.save_every=1")]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 600

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import grpo, train_log, trainer
 from rrr.config import UserError, compose
 from rrr.failure_set import FailureCursor

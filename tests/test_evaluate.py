@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import rrr.evaluate as evaluate
-from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
 from rrr.verifiers import Verdict
 
@@ -39,7 +39,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(evaluate, "get_task", lambda name: state.task)
     monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
-    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(evaluate, "model_provenance", lambda node: {"name": node.name})
     return state
 
 
@@ -196,7 +196,7 @@ def two_tasks(monkeypatch):
     monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(evaluate, "get_task", lambda name: tasks[name])
     monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
-    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(evaluate, "model_provenance", lambda node: {"name": node.name})
     batch = evaluate.evaluate_batch
 
     def spy(engine, tokenizer, task, examples, cfg, stats):
@@ -257,7 +257,7 @@ def test_resume_with_several_sets_repeats_no_example(tmp_path, two_tasks):
 
 
 def test_compare_has_a_section_per_set_and_flags_what_was_trained_on(tmp_path, two_tasks):
-    from rrr import compare
+    from rrr import report as compare
 
     train = tmp_path / "outputs" / "train" / "run1"
     train.mkdir(parents=True)

@@ -13,7 +13,7 @@ import pytest
 
 import rrr.failure_eval as fe
 import rrr.failures as failures
-from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
 from rrr.engines.base import derive_seed
 from rrr.stats import clustered_se, min_detectable_effect
@@ -47,7 +47,7 @@ def fake(monkeypatch, tmp_path):
     for module in (failures, fe):
         monkeypatch.setattr(module, "get_task", lambda name: state.task)
         monkeypatch.setattr(module, "build_generator", lambda cfg: (state.engine, None))
-        monkeypatch.setattr(module, "model_info", lambda cfg: {"name": cfg.model.name, "path": cfg.model.get("path")})
+        monkeypatch.setattr(module, "model_provenance", lambda node: {"name": node.name, "path": node.get("path")})
     monkeypatch.setattr(fe, "check_prompts", lambda *a: state.checked.append(a))
     state.failures = failures.run(compose(["task=countdown", "model=tiny-random", f"out_root={tmp_path}",
                                            "data.split=test", "collect.samples_per_query=2",

@@ -13,6 +13,7 @@ from collections import defaultdict
 import pytest
 
 from rrr.verifiers import Verdict
+from rrr.verifiers import function_calling as fc
 from rrr.verifiers.function_calling import (MAX_CALLS, parse_calls, parse_calls_strict, standardize_string,
                                             verify, verify_bfcl)
 
@@ -560,3 +561,28 @@ def test_strict_verdict_beside_the_lenient_one(check):
         assert lenient.correct and not strict.correct, (text, strict.reason)
     unparsable = check(f"<tool_call>\n{calls_json(F1)}\n</tool_call>", True)
     assert not unparsable.correct and unparsable.reason.startswith("unparsable: strict")
+
+
+# ----------------------------------------------------------------------------- call cap (from test_harden_misc)
+
+def calls(n: int) -> list[dict]:
+    return [{"name": f"f{i}", "arguments": {"x": i}} for i in range(n)]
+
+
+def test_a_correct_answer_with_more_calls_than_the_old_cap_is_correct():
+    gold = calls(fc.MAX_CALLS + 44)                                   # 300 calls
+    text = "".join(f"<tool_call>{json.dumps(c)}</tool_call>" for c in gold)
+    assert fc.verify(text, gold).correct
+    bfcl_gold = [{c["name"]: {"x": [c["arguments"]["x"]]}} for c in gold]
+    docs = [{"name": c["name"], "parameters": {"properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+            for c in gold]
+    assert fc.verify_bfcl(json.dumps(gold), bfcl_gold, docs).correct
+    assert fc.call_cap(1) == fc.MAX_CALLS and fc.call_cap(300) == 600
+
+
+def test_a_flood_of_calls_stays_bounded_and_cheap():
+    flood = "<tool_call>" + json.dumps(calls(1)[0]) + "</tool_call>"
+    text = flood * 50_000
+    t0 = time.perf_counter()
+    verdict = fc.verify(text, calls(1))
+    assert verdict.reason == "unparsable" and time.perf_counter() - t0 < 1.0

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from rrr.config import UserError
 from rrr.engines.base import Engine, Sample, SamplingParams, derive_seed
 
-__all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "derive_seed"]
+__all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "build_generator", "derive_seed"]
 
 
 def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
@@ -20,7 +20,8 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     name = cfg.engine.name
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size),
-                        prefix_cache_gb=float(cfg.engine.prefix_cache_gb))
+                        prefix_cache_gb=float(cfg.engine.prefix_cache_gb),
+                        merge_lora=bool(cfg.engine.get("merge_lora", True)))
     if name == "vllm":
         from rrr.engines.vllm import VLLMEngine, check_lora_sync
         from rrr.models import resolve_device, resolve_dtype, weights_source
@@ -42,6 +43,15 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
             engine.load_weights(model)
         return engine
     raise UserError(f"engine={name!r} is not one of hf, vllm")
+
+
+def build_generator(cfg: DictConfig) -> tuple[Engine, object]:
+    """(engine, tokenizer) for a command that only samples (collect-failures, evaluate): the model of
+    cfg.model behind the engine of cfg.engine; tests replace this with a fake."""
+    from rrr.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    return build_engine(cfg, model, tokenizer), tokenizer
 
 
 def vllm_parallel(cfg: DictConfig) -> dict:

@@ -29,7 +29,7 @@ def train(rank: int, world: int, port: int, overrides: list[str]) -> None:
     """`rrr train` on the trainer fakes (random-stop engine, parity verifier). The fake engine replaces
     `rrr.engines.build_engine`, so the trainer's own engine set-up (FSDP's gathered copy) still runs."""
     import rrr.engines
-    import trainer_fakes
+    from fakes import trainer as trainer_fakes
     from rrr import distributed, trainer
     from rrr.config import compose
 
