@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from rrr import failure_eval
+from rrr.report import failures as failure_report
 from rrr.cli import app
 from rrr.config import compose
 from rrr.train_setup import validate as validate_train
@@ -33,7 +34,7 @@ TRAINED_CONTROLS = "eval.controls=[retry_no_reflection]"     # what the script g
 def test_the_headline_comparisons_are_computable_from_the_runs_controls():
     conditions = {"vanilla": failure_eval.conditions_of(preset()),
                   "trained": failure_eval.conditions_of(preset(TRAINED_CONTROLS))}
-    for ma, a, mb, b in failure_eval.HEADLINE:
+    for ma, a, mb, b in failure_report.HEADLINE:
         assert a in conditions[ma] and b in conditions[mb], (ma, a, mb, b)
     trained_stage = next(line for line in (ROOT / "scripts" / "cpu_experiment.sh").read_text().split("\n$RRR")
                          if "fe-trained" in line)
