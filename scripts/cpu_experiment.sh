@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RRR=${RRR:-.venv/bin/rrr}
+PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/cpu-experiment/$(date +%Y%m%d-%H%M%S)}
 HELDOUT_QUERIES=${HELDOUT_QUERIES:-64}     # test queries sampled twice; ~58% hold a failure at pass@1 0.65
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread: immune to other work stalling an OpenMP barrier

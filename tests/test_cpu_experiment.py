@@ -57,3 +57,11 @@ def test_results_md_preregisters_the_preset_sizes():
     assert f"R = {cfg.eval.reflections_per_failure}" in text
     assert f"{cfg.eval.failures_limit} failures" in text
     assert f"{cfg.train.steps} updates" in text
+
+
+def test_every_variable_the_script_reads_is_set_in_it():
+    """The script runs under `set -u`: a variable read but never set stops it (a merge once dropped PY=)."""
+    script = (ROOT / "scripts" / "cpu_experiment.sh").read_text()
+    used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", script)) - {"BASHPID"}
+    defined = set(re.findall(r"^\s*(?:export\s+)?([A-Z][A-Z0-9_]*)=", script, re.M))
+    assert used <= defined, used - defined
