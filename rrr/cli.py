@@ -134,7 +134,7 @@ def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> 
 
 
 @app.command()
-def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or forgetting run directories"),
+def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate, failure-eval and/or forgetting run directories"),
             out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md"),
             note: str = typer.Option("", "--note", help="a sentence printed and put at the top of report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""

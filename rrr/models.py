@@ -258,8 +258,8 @@ def load_tokenizer_only(name_or_cfg: str | DictConfig | dict):
 def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) on the configured device and dtype. `for_training=False` returns the model
     in eval mode with gradients off; `True` in train mode (an adapter from `model.path` trainable).
-    A library error on the way is one line naming the model settings (rrr.validate.library_errors)."""
-    from rrr.validate import library_errors
+    A library error on the way is one line naming the model settings (rrr.errors.library_errors)."""
+    from rrr.errors import library_errors
 
     cfg = _cfg(model_cfg)
     with library_errors(f"loading model {cfg.name}", "model.* (path, dtype, device, attn_implementation)"):
@@ -316,7 +316,7 @@ def apply_lora(model, model_cfg: DictConfig | dict):
 
     if isinstance(model, PeftModel):
         return model
-    from rrr.validate import library_errors
+    from rrr.errors import library_errors
 
     lora = _cfg(model_cfg).lora
     with library_errors("peft's LoRA setup", "model.lora.* (r, alpha, dropout, target_modules)"):

@@ -19,7 +19,8 @@ from rrr import fsdp, shared_prefix
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.tasks import Example
-from rrr.validate import check as check_settings, check_logger, library_errors
+from rrr.errors import library_errors
+from rrr.validate import check as check_settings, check_logger
 
 COMMAND = "train"
 

@@ -15,9 +15,8 @@ settings (`library_errors`). Refusals of a setting exit with 2 (a usage error), 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -218,22 +217,6 @@ def check_vllm(cfg: DictConfig, arch: dict[str, Any] | None) -> None:
     if cfg.engine.get("lora_sync") == "adapter" and isinstance(cfg.model.lora.r, int) and cfg.model.lora.r > 512:
         raise ConfigError(f"model.lora.r={cfg.model.lora.r}: vLLM serves LoRA ranks up to 512; use "
                           "engine.lora_sync=merged")
-
-
-@contextlib.contextmanager
-def library_errors(building: str, settings: str) -> Iterator[None]:
-    """The net under the checks above: an exception a library raises while the run is built (model load,
-    peft, engine) becomes one line naming the settings involved. RRR_TRACEBACK=1 keeps the traceback."""
-    try:
-        yield
-    except (UserError, KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 — transformers, peft and vLLM raise many types
-        if os.environ.get("RRR_TRACEBACK"):
-            raise
-        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"{building} failed ({type(e).__name__}: {text}); check {settings} "
-                        "(RRR_TRACEBACK=1 shows the traceback)") from None
 
 
 def _select(cfg: DictConfig, key: str) -> Any:

@@ -3,7 +3,7 @@ the figures in docs/cluster.md ("Sharded FSDP checkpoints").
 
     PYTHONPATH=$PWD:$PWD/tests OMP_NUM_THREADS=1 python scripts/checkpoint_sizes.py /tmp/sizes
 
-Runs the test suite's 2-rank harness (tests/dist_workers.py) with the trainer fakes; a few minutes on CPU.
+Runs the test suite's 2-rank harness (tests/fakes/dist_workers.py) with the trainer fakes; a few minutes on CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 def main(out: Path) -> None:
-    import dist_workers
-    import trainer_fakes
+    from fakes import dist_workers
+    from fakes import trainer as trainer_fakes
     from rrr.models import load_tokenizer_only
     from test_distributed import train_overrides
 

@@ -12,7 +12,7 @@ import torch
 from test_cli_cases import COLLECT, EVAL, assert_one_line_error, cli, train_args
 from rrr import models
 from rrr.config import UserError, compose
-from rrr.validate import library_errors
+from rrr.errors import library_errors
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the device cases assume no visible GPU")
 

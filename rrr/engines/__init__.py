@@ -15,8 +15,8 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     """The engine named by `cfg.engine.name`, sampling from `model` (hf shares the object; vllm loads
     the base weights itself; when `model` carries adapters they are pushed: merged into full weights
     with lora_sync=merged, the default, or served by vLLM's LoRA support with lora_sync=adapter).
-    A library error on the way is one line naming the engine settings (rrr.validate.library_errors)."""
-    from rrr.validate import library_errors
+    A library error on the way is one line naming the engine settings (rrr.errors.library_errors)."""
+    from rrr.errors import library_errors
 
     with library_errors(f"starting engine={cfg.engine.name}", "engine.* (and model.max_context, model.dtype)"):
         return _build_engine(cfg, model, tokenizer)
