@@ -39,7 +39,7 @@ from rrr.failures import load_failures
 from rrr.leak import reflection_leaks
 from rrr.atomic import atomic_write_json, atomic_write_parquet
 from rrr.engines import build_generator
-from rrr.models import model_provenance
+from rrr.model_info import model_provenance
 from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import sha256_file
 from rrr.rollout import throughput

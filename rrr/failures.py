@@ -25,7 +25,7 @@ from rrr import preemption
 from rrr.config import UserError
 from rrr.atomic import atomic_write_json, atomic_write_parquet
 from rrr.engines import build_generator
-from rrr.models import model_provenance
+from rrr.model_info import model_provenance
 from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import data_sha256, examples_sha256
 from rrr.rollout import sampling_params, throughput

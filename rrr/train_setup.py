@@ -182,7 +182,7 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
     from rrr.provenance import examples_sha256
-    from rrr.models import model_provenance
+    from rrr.model_info import model_provenance
 
     return {"resume_fingerprint": resume_fingerprint(cfg),
             "failures": str(cfg.train.failures), "failure_queries": len(examples),

@@ -84,7 +84,7 @@ ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_at
 
 def check_model(cfg: DictConfig, command: str) -> None:
     """The model, LoRA, token-budget and engine settings transformers, peft or vLLM would refuse."""
-    from rrr.models import architecture_config
+    from rrr.model_info import architecture_config
 
     m = cfg.model
     arch = architecture_config(m)          # None: not on disk yet (a hub model not downloaded)

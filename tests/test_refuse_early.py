@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_cli_cases import COLLECT, EVAL, assert_one_line_error, cli, train_args
-from rrr import models
+from rrr import model_info, models
 from rrr.config import UserError, compose
 from rrr.errors import library_errors
 
@@ -87,7 +87,7 @@ def test_context_is_read_from_the_models_config_json(tmp_path, never_load):
                                       "(max_position_embeddings in its config.json)")
     assert_one_line_error(cli(*args, "model.max_context=64", "collect.max_tokens=64"),
                           "collect.max_tokens=64 tokens do not fit the 64-token context")
-    assert models.architecture_config(compose(["model=tiny-random", f"model.path={d}"]).model)[
+    assert model_info.architecture_config(compose(["model=tiny-random", f"model.path={d}"]).model)[
         "max_position_embeddings"] == 64
 
 
