@@ -30,17 +30,21 @@ def _as_outcomes(values: Sequence[float] | np.ndarray, name: str = "values") -> 
     return x
 
 
-def _bootstrap_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of `n_boot` resamples (with replacement) of `x`; indices drawn in chunks to bound memory."""
+def _resampled(n: int, n_boot: int, seed: int, statistic) -> np.ndarray:
+    """`statistic(idx)` of `n_boot` resamples (with replacement) of n units, idx [chunk, n]: indices drawn
+    in chunks of at most MAX_INDEX_CELLS cells to bound memory; -> [n_boot]."""
     rng = np.random.default_rng(seed)
-    n = x.size
     rows = max(1, MAX_INDEX_CELLS // n)
-    means = np.empty(n_boot)
+    out = np.empty(n_boot)
     for start in range(0, n_boot, rows):
         stop = min(start + rows, n_boot)
-        idx = rng.integers(0, n, size=(stop - start, n))  # [chunk, n]
-        means[start:stop] = x[idx].mean(axis=1)
-    return means
+        out[start:stop] = statistic(rng.integers(0, n, size=(stop - start, n)))
+    return out
+
+
+def _bootstrap_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Means of `n_boot` resamples (with replacement) of `x`."""
+    return _resampled(x.size, n_boot, seed, lambda idx: x[idx].mean(axis=1))
 
 
 def _percentile_interval(means: np.ndarray, alpha: float) -> tuple[float, float]:
@@ -102,14 +106,7 @@ def cluster_bootstrap_mean(values: Sequence[float] | np.ndarray, clusters: Seque
     (a resample's mean = its units' sum / its units' count)."""
     x = _as_outcomes(values)
     sums, counts = _cluster_sums(x, clusters)
-    rng = np.random.default_rng(seed)
-    c = sums.size
-    rows = max(1, MAX_INDEX_CELLS // c)
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, rows):
-        stop = min(start + rows, n_boot)
-        idx = rng.integers(0, c, size=(stop - start, c))       # [chunk, clusters]
-        means[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    means = _resampled(sums.size, n_boot, seed, lambda idx: sums[idx].sum(axis=1) / counts[idx].sum(axis=1))
     return (float(x.mean()), *_percentile_interval(means, alpha))
 
 

