@@ -9,6 +9,7 @@ failure TRL, verl and OpenRLHF users report) shows up as the optimizer's step si
 
 from __future__ import annotations
 
+import math
 import time
 
 from rrr.config import UserError
@@ -29,7 +30,13 @@ def push_weights(engine, model) -> float:
 
 
 def check_logprob_diff(step: int, diff: float, limit: float | None) -> None:
-    """Stop with one line when the step's samples were not drawn from the trained weights."""
+    """Stop with one line when the step's samples were not drawn from the trained weights. A NaN or
+    infinite statistic always stops (`diff > limit` is False for NaN): the policy or the sampler produced
+    non-finite log-probs, and every later step would train on them. `limit` None turns the size check off."""
+    if not math.isfinite(diff):
+        raise UserError(f"step {step}: sync/logprob_diff={diff}: the policy's or the sampler's log-probs of the "
+                        "sampled reflection tokens are not finite (a NaN/inf in the weights, the loss or the "
+                        "engine's output); the run stops before training on them")
     if limit is not None and diff > float(limit):
         raise UserError(f"step {step}: sync/logprob_diff={diff:.3g} > engine.max_logprob_diff={limit}: the engine "
                         "is not sampling the trained weights (stale or wrong weight sync); check the sync, or "
