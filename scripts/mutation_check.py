@@ -2,6 +2,10 @@
 tests meant to catch it, restore the file. Every mutation must make its tests fail.
 
     PYTHONPATH=. python scripts/mutation_check.py          # prints one line per mutation, exit 1 if one survives
+    PYTHONPATH=. python scripts/mutation_check.py canary tis resample distributed   # only these areas
+
+Areas: wiring (issue #12), and from issue #22: canary, tis, resample, distributed (the last spawns 2 gloo
+ranks per mutation, ~1 min each).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = "tests/test_trainer_core.py"
-MUTATIONS = [  # (name, file, original, mutant, tests)
+CANARY = "tests/test_sync_canary.py"
+WIRING = "tests/test_rl_wiring.py"
+DIST_FAST = "tests/test_distributed.py::test_one_step_with_an_empty_share_and_with_fsdp_idle_steps_gives_the_single_process_step"
+WIRING_12 = [  # (name, file, original, mutant, tests)
     ("KL sign flipped", "rrr/grpo.py", "return pg_loss + beta * kl_loss, stats", "return pg_loss - beta * kl_loss, stats",
      [CORE + "::test_loss_is_policy_loss_plus_beta_times_kl"]),
     ("beta ignored", "rrr/grpo.py", "return pg_loss + beta * kl_loss, stats", "return pg_loss + kl_loss, stats",
@@ -46,11 +53,56 @@ MUTATIONS = [  # (name, file, original, mutant, tests)
     ("no_reward ignored", "rrr/leak.py", "return torch.where(leaks & ~rewards.isnan(), torch.zeros_like(rewards), rewards)",
      "return rewards", [CORE + "::test_leak_policy_zeroes_leaking_rewards_only_under_no_reward"]),
 ]
+CANARY_22 = [
+    ("NaN canary passes", "rrr/sync.py", "    if not math.isfinite(diff):", "    if False:", [CANARY]),
+    ("canary sum weighted as a token mean", "rrr/trainer.py",
+     "totals[key] = totals.get(key, 0.0) + value     # a sum over tokens", "totals[key] = totals.get(key, 0.0) + value * stats['reflection_tokens']  #",
+     [CANARY]),
+    ("canary a mean per micro-batch", "rrr/trainer.py", "return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item()",
+     "return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item() / max(int(mask.sum()), 1)", [CANARY]),
+    ("canary rescaled before the check", "rrr/trainer.py", '"sync/logprob_diff": update["sampler_logp_diff"],',
+     '"sync/logprob_diff": 0.5 * update["sampler_logp_diff"],', [CANARY]),
+    ("canary on every position, not the loss mask", "rrr/trainer.py", "return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item()",
+     "return torch.where(mask.any(-1, keepdim=True), (logp - sampler_logp).abs(), 0).sum().item()", [CANARY]),
+]
+TIS_22 = [
+    ("TIS ratio inverted", "rrr/trainer.py", "is_weights=grpo.tis_weights(logp, sampler_logp, m, float(t.is_cap))",
+     "is_weights=grpo.tis_weights(sampler_logp, logp, m, float(t.is_cap))", [WIRING]),
+    ("TIS cap ignored", "rrr/trainer.py", "is_weights=grpo.tis_weights(logp, sampler_logp, m, float(t.is_cap))",
+     "is_weights=grpo.tis_weights(logp, sampler_logp, m, 1e9)", [WIRING]),
+    ("TIS stats inverted", "rrr/trainer.py", "stats.update(grpo.tis_stats(logp, sampler_logp, m, float(t.is_cap)))",
+     "stats.update(grpo.tis_stats(sampler_logp, logp, m, float(t.is_cap)))", [WIRING]),
+]
+RESAMPLE_22 = [
+    ("leak policy not applied to re-draws", "rrr/trainer.py", "fresh_rewards = group_scores(cfg, task, redo_queries, fresh)",
+     "fresh_rewards = group_rewards(fresh, int(cfg.train.group_size))", [WIRING]),
+    ("leak check reads the retry", "rrr/leak.py", 'ep.texts.get("reflection")', 'ep.texts.get("attempt2")', [WIRING]),
+    ("zero-std groups trained after re-draws", "rrr/trainer.py", 'if t.zero_std in ("skip", "resample") else',
+     'if t.zero_std == "skip" else', [WIRING]),
+    ("re-draw with the first draw's seed", "rrr/trainer.py", 'seed=derive_seed(int(cfg.seed), "resample", attempt)',
+     "seed=int(cfg.seed)", [WIRING]),
+    ("every re-draw with one seed", "rrr/trainer.py", 'seed=derive_seed(int(cfg.seed), "resample", attempt)',
+     'seed=derive_seed(int(cfg.seed), "resample", 1)', [WIRING]),
+]
+DISTRIBUTED_22 = [
+    ("an empty share collated", "rrr/trainer.py", "batch = collate(episodes, tokenizer.pad_token_id) if episodes else EMPTY_BATCH",
+     "batch = collate(episodes, tokenizer.pad_token_id)", [DIST_FAST]),
+    ("FSDP averages gradients", "rrr/fsdp.py", "module.set_gradient_divide_factor(1.0)",
+     "module.set_gradient_divide_factor(2.0)", [DIST_FAST]),
+    ("FSDP idle step adds a gradient", "rrr/fsdp.py", "(0.0 * logp.sum()).backward()", "(logp.sum()).backward()", [DIST_FAST]),
+]
+AREAS = {"wiring": WIRING_12, "canary": CANARY_22, "tis": TIS_22, "resample": RESAMPLE_22,
+         "distributed": DISTRIBUTED_22}
 
 
-def main() -> int:
+def main(areas: list[str]) -> int:
+    unknown = set(areas) - set(AREAS)
+    if unknown:
+        print(f"unknown area(s) {sorted(unknown)}; choose from {', '.join(AREAS)}")
+        return 2
+    mutations = [m for area in (areas or AREAS) for m in AREAS[area]]
     survived = 0
-    for name, rel, original, mutant, tests in MUTATIONS:
+    for name, rel, original, mutant, tests in mutations:
         path = ROOT / rel
         source = path.read_text()
         if source.count(original) != 1:
@@ -66,8 +118,9 @@ def main() -> int:
         caught = result.returncode != 0
         survived += not caught
         print(f"{'caught  ' if caught else 'SURVIVED'} {name}  ({rel})", flush=True)
+    print(f"{len(mutations) - survived} of {len(mutations)} mutations caught")
     return 1 if survived else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -99,6 +99,31 @@ def test_two_ranks_give_the_single_process_run(tmp_path, failures, straight):
     assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
 
 
+def test_one_step_with_an_empty_share_and_with_fsdp_idle_steps_gives_the_single_process_step(tmp_path, failures):
+    """The fast variant of the slow runs below (one step each, one spawn for both): 1 query over 2 ranks
+    (rank 0 has no episode), and FSDP with shares of 4 and 8 episodes (2 and 3 micro-batches: rank 0 runs
+    an idle step). Same metrics (grad_norm included: FSDP sums, it must not divide) and weights as one process."""
+    cases = {"empty": ("train.batch_queries=1",), "fsdp": ("train.finetune=full",)}
+    distributed_only = {"fsdp": ("train.parallel=fsdp",)}
+    one_step = ("train.steps=1", "train.save_every=1")
+    with pytest.MonkeyPatch.context() as mp:
+        trainer_fakes.install(mp, trainer)
+        for name, extra in cases.items():
+            trainer.run(compose(train_overrides(failures, tmp_path / f"one-{name}", *one_step, *extra)))
+    dist_workers.spawn(dist_workers.train_runs, 2, [
+        train_overrides(failures, tmp_path / f"two-{name}", *one_step, *extra, *distributed_only.get(name, ()))
+        for name, extra in cases.items()])
+    for name, weights in (("empty", "adapter_model.safetensors"), ("fsdp", "model.safetensors")):
+        (a,), (b,) = rows(tmp_path / f"one-{name}"), rows(tmp_path / f"two-{name}")
+        assert a["reflection_tokens"] > 0 and a.keys() == b.keys()
+        for k in a.keys() - TIMING:
+            assert b[k] == (a[k] if a[k] is None else pytest.approx(a[k], rel=1e-5, abs=1e-7)), (name, k)
+        wa, wb = (load_file(str(tmp_path / f"{r}-{name}" / "checkpoints" / "final" / weights)) for r in ("one", "two"))
+        assert wa.keys() == wb.keys()
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= WEIGHT_ATOL
+    assert rows(tmp_path / "one-fsdp")[0]["grad_norm"] > 0
+
+
 @pytest.mark.slow
 def test_a_rank_with_an_empty_share_still_joins_every_collective(tmp_path, failures):
     """1 query per step over 2 ranks: rank 0 gets nothing; the run equals one process's."""
