@@ -307,6 +307,20 @@ def apply_lora(model, model_cfg: DictConfig | dict):
     return get_peft_model(model, config)
 
 
+def merge_adapter(model):
+    """A model loaded with a LoRA adapter (`model.path` = an adapter) -> its base with the adapter merged
+    in, every weight trainable, in the mode it was in: what `train.finetune=full` trains from an adapter
+    (training only the adapter's few parameters would not be a full fine-tune). Any other model unchanged."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    training = model.training
+    merged = model.merge_and_unload()
+    merged.requires_grad_(training)
+    return merged.train(training)
+
+
 def model_provenance(model_cfg: DictConfig | dict, model=None) -> dict[str, Any]:
     """What exactly was loaded, for the run manifest: source, hub id, revision (and the resolved commit
     when `model` is given), local path, and the GGUF sha256 of an embedded model."""

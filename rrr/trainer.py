@@ -448,10 +448,12 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(cfg: DictConfig):
-    from rrr.models import apply_lora, load_model
+    from rrr.models import apply_lora, load_model, merge_adapter
 
     malloc_mmap_threshold(int(float(cfg.train.malloc_mmap_threshold_mb) * 2**20))
     model, tokenizer = load_model(cfg.model, for_training=True)
+    if cfg.train.finetune == "full":
+        model = merge_adapter(model)                 # model.path = an adapter: train all weights of base + adapter
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.finetune == "lora":

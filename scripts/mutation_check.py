@@ -4,7 +4,7 @@ tests meant to catch it, restore the file. Every mutation must make its tests fa
     PYTHONPATH=. python scripts/mutation_check.py          # prints one line per mutation, exit 1 if one survives
     PYTHONPATH=. python scripts/mutation_check.py canary tis resample distributed   # only these areas
 
-Areas: wiring (issue #12), and from issue #22: canary, tis, resample, distributed (the last spawns 2 gloo
+Areas: wiring (issue #12), and from issue #22: canary, tis, resample, adapter, distributed (the last spawns 2 gloo
 ranks per mutation, ~1 min each).
 """
 
@@ -91,7 +91,14 @@ DISTRIBUTED_22 = [
      "module.set_gradient_divide_factor(2.0)", [DIST_FAST]),
     ("FSDP idle step adds a gradient", "rrr/fsdp.py", "(0.0 * logp.sum()).backward()", "(logp.sum()).backward()", [DIST_FAST]),
 ]
-AREAS = {"wiring": WIRING_12, "canary": CANARY_22, "tis": TIS_22, "resample": RESAMPLE_22,
+ADAPTER_22 = [
+    ("full fine-tune from an adapter trains the adapter", "rrr/trainer.py",
+     "        model = merge_adapter(model)                 # model.path = an adapter", "        pass  #",
+     [CORE + "::test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight"]),
+    ("FSDP's fresh copy keeps the adapter", "rrr/fsdp.py", "return merge_adapter(load_model(cfg.model)[0])",
+     "return load_model(cfg.model)[0]", [CORE + "::test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight"]),
+]
+AREAS = {"wiring": WIRING_12, "adapter": ADAPTER_22, "canary": CANARY_22, "tis": TIS_22, "resample": RESAMPLE_22,
          "distributed": DISTRIBUTED_22}
 
 
