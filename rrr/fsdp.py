@@ -74,11 +74,11 @@ def _masked_logprobs_method(self, *args, **kwargs):
 
 
 def fresh_copy(cfg):
-    """The model of `cfg.model` as loaded before training (the policy's initial weights; an adapter in
-    `model.path` merged, as the policy merges it), eval mode."""
-    from rrr.models import load_model, merge_adapter
+    """The model of `cfg.model` as loaded before training (the policy's initial weights, stored and
+    computed in the policy's precision; an adapter in `model.path` merged, as the policy merges it), eval mode."""
+    from rrr.models import load_for_training, merge_adapter
 
-    return merge_adapter(load_model(cfg.model)[0])
+    return merge_adapter(load_for_training(cfg.model, cfg.train.finetune, for_training=False)[0])
 
 
 class GatheredEngine:

@@ -294,6 +294,20 @@ def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> t
     return model, tokenizer
 
 
+def load_for_training(model_cfg: DictConfig | dict, finetune: str, *, for_training: bool = True):
+    """(model, tokenizer) stored as training keeps them (rrr.precision): `model.dtype` is the compute
+    dtype; under full fine-tuning in bf16/fp16 the weights load in fp32 (the master weights AdamW updates)
+    and the model is marked to compute in `model.dtype` under autocast. LoRA: as `load_model`."""
+    from rrr import precision
+
+    cfg = _cfg(model_cfg)
+    compute = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    if precision.master_dtype(compute, finetune) != compute:
+        cfg = OmegaConf.merge(cfg, {"dtype": "float32"})
+    model, tokenizer = load_model(cfg, for_training=for_training)
+    return precision.set_compute_dtype(model, compute), tokenizer
+
+
 def apply_lora(model, model_cfg: DictConfig | dict):
     """Wrap `model` with LoRA adapters (rank, alpha, dropout, target modules from `model.lora`).
     A model that already carries adapters (loaded from a checkpoint) is returned unchanged."""

@@ -448,10 +448,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(cfg: DictConfig):
-    from rrr.models import apply_lora, load_model, merge_adapter
+    from rrr.models import apply_lora, load_for_training, merge_adapter
 
     malloc_mmap_threshold(int(float(cfg.train.malloc_mmap_threshold_mb) * 2**20))
-    model, tokenizer = load_model(cfg.model, for_training=True)
+    model, tokenizer = load_for_training(cfg.model, cfg.train.finetune)   # full + bf16: fp32 master weights
     if cfg.train.finetune == "full":
         model = merge_adapter(model)                 # model.path = an adapter: train all weights of base + adapter
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all

@@ -62,8 +62,8 @@ CANARY_22 = [
      "return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item() / max(int(mask.sum()), 1)", [CANARY]),
     ("canary rescaled before the check", "rrr/trainer.py", '"sync/logprob_diff": update["sampler_logp_diff"],',
      '"sync/logprob_diff": 0.5 * update["sampler_logp_diff"],', [CANARY]),
-    ("canary on every position, not the loss mask", "rrr/trainer.py", "return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item()",
-     "return torch.where(mask.any(-1, keepdim=True), (logp - sampler_logp).abs(), 0).sum().item()", [CANARY]),
+    ("canary a signed gap", "rrr/trainer.py", "return torch.where(mask, (logp - sampler_logp).abs(), 0).sum().item()",
+     "return torch.where(mask, (logp - sampler_logp), 0).sum().item()", [CANARY]),
 ]
 TIS_22 = [
     ("TIS ratio inverted", "rrr/trainer.py", "is_weights=grpo.tis_weights(logp, sampler_logp, m, float(t.is_cap))",

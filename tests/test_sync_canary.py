@@ -34,9 +34,9 @@ def config(failures: Path, run: Path, *extra: str):
 
 
 def offset(delta: float):
-    """Sampler log-prob = model's − δ on even token indices, − 3δ on odd ones: a sum or a mean of
-    micro-batch means would not give the token mean."""
-    return lambda i: -delta * (1 if i % 2 == 0 else 3)
+    """Sampler log-prob = model's − δ on even token indices, + 3δ on odd ones: a sum, a mean of
+    micro-batch means or a signed mean would not give the mean |gap| per token."""
+    return lambda i: -delta if i % 2 == 0 else 3 * delta
 
 
 def expected_diff(run: Path, step: int, delta: float) -> float:

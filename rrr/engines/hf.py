@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from rrr import precision
 from rrr.engines.base import Sample, SamplingParams
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
@@ -180,7 +181,7 @@ class HFEngine:
         if len(seeds) != len(prompts) or any(len(s) != n for s in seeds):
             raise ValueError(f"seeds must be {len(prompts)} lists of {n} seeds")
         out: list[list[Sample]] = []
-        with eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode(), precision.autocast(self.model):   # the trainer's numerics
             for start in range(0, len(prompts), self.batch_size):
                 chunk = slice(start, start + self.batch_size)
                 out += self._generate_chunk(prompts[chunk], n, sampling, seeds[chunk])
