@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> Path:
             logger(row)
             if step % int(cfg.log.episodes_every) == 0:
                 write_episodes(run_dir, step, queries, groups, rewards, advantages)
-        sync.check_logprob_diff(step, row["sync/logprob_diff"], cfg.engine.get("max_logprob_diff"))
+        sync.check_logprob_diff(step, row["sync/logprob_diff"], sync.logprob_diff_limit(cfg))
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if step % int(t.save_every) == 0:
@@ -423,6 +423,7 @@ def validate(cfg: DictConfig) -> None:
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel={t.parallel!r}; valid choices: ddp, fsdp")
     fsdp.check(cfg)
+    sync.logprob_diff_limit(cfg)                      # a bad engine.max_logprob_diff fails before any work
     if t.leak not in LEAK_MODES:
         raise UserError(f"train.leak={t.leak!r}; valid choices: {', '.join(LEAK_MODES)}")
     if t.is_correction == "token_tis" and not float(t.is_cap) >= 1:
