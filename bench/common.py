@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m",
     "engine": "hf",
     "task": "countdown",
+    "experiment": "",         # an rrr experiment preset composed first (function_calling: demo, its prompts/budgets)
     "queries": 8,             # failed queries per step
     "group": 4,               # G reflections per failed attempt 1
     "reflection_tokens": 128,
@@ -61,20 +62,23 @@ def set_threads(n: int) -> None:
 def rrr_overrides(a: dict[str, Any]) -> list[str]:
     """The rrr config that matches the shared workload (LoRA r=16 on q/k/v/o, β, budgets, threads)."""
     targets = "[" + a["lora_targets"] + "]"
-    return [f"model={a['model']}", f"task={a['task']}", f"engine={a['engine']}", f"seed={a['seed']}",
+    experiment = [f"experiment={a['experiment']}"] if a.get("experiment") else []
+    return [*experiment, f"model={a['model']}", f"task={a['task']}", f"engine={a['engine']}", f"seed={a['seed']}",
             f"model.lora.r={a['lora_r']}", f"model.lora.alpha={2 * a['lora_r']}",
             f"model.lora.target_modules={targets}", f"train.beta={a['beta']}",
             f"train.batch_queries={a['queries']}", f"train.group_size={a['group']}",
             f"train.sampling.reflection.max_tokens={a['reflection_tokens']}",
             f"train.sampling.attempt2.max_tokens={a['retry_tokens']}",
             "train.gradient_checkpointing=false", f"train.micro_batch_size={a['group']}",
+            # equal work with TRL: every failed query of the (trimmed) set, no re-draws of zero-std groups
+            "train.zero_std=keep", "train.min_pass_rate=0.0", "train.max_pass_rate=1.0",
             "log.progress=false", *vllm_cpu_overrides(a), *a.get("rrr_args", "").split(),
             *(a.get("vllm_args", "").split() if a["engine"] == "vllm" else [])]
 
 
 def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     """engine=vllm on vllm-cpu: compiled (1-2 min a start, outside the timed steps; its train steps ran
-    1.27x faster than eager, README *Performance*) and a tenth of RAM for the KV cache
+    1.27x faster than eager, docs/performance.md) and a tenth of RAM for the KV cache
     (gpu_memory_utilization is a share of RAM there). None on a GPU. `vllm_args=engine.enforce_eager=true`
     for eager: rrr_args and vllm_args come after these, and the later of two Hydra overrides wins."""
     if a["engine"] != "vllm":
@@ -84,6 +88,13 @@ def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     if torch.cuda.is_available():
         return []
     return ["engine.enforce_eager=false", "engine.gpu_memory_utilization=0.1", "model.dtype=float32"]
+
+
+def model_dtype(cfg) -> str:
+    """The dtype the model runs in (`auto` resolved for this machine)."""
+    from rrr.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
 
 
 def rss_gb(field: str = "VmRSS") -> float:
@@ -98,18 +109,20 @@ def peak_rss_gb() -> float:
 
 
 class Timer:
-    """Accumulates wall seconds per named phase; `wrap(obj, name, phase)` times a method in place."""
+    """Accumulates wall seconds per named phase; `wrap(fn, name)` times a function. `clock` is the
+    timing source (tests pass a fake one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
         self.seconds: dict[str, float] = {}
+        self.clock = clock
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - t0
 
     def wrap(self, fn, name: str):
         def timed(*args, **kwargs):

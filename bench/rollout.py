@@ -22,6 +22,7 @@ def main() -> None:
     a = parse_args(defaults={**DEFAULTS, "reps": 4, "raw": True})
     set_threads(a["threads"])
     from rrr import rollout, trainer
+    from rrr.train_log import generated_tokens
     from rrr.tasks import get_task
 
     cfg, examples, stored = load_workload(a)
@@ -39,7 +40,7 @@ def main() -> None:
                                        sampling, group_size=G, seed=int(cfg.seed), step=rep + 1,
                                        verdicts1=[at.verdict for at in attempts])
         dt = time.perf_counter() - t0
-        n = trainer.generated_tokens(groups)
+        n = generated_tokens(groups)
         reps[f"engine={a['engine']}"].append({"seconds": dt, "generated_tokens": n, "tokens_per_s": n / dt})
         print(f"engine={a['engine']} rep {rep}: {dt:.1f} s, {n} tokens, {n / dt:.1f} tok/s", flush=True)
         if not raw:

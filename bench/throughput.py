@@ -2,8 +2,9 @@
 
     python -m bench.throughput model=… [queries=4 attempt1_tokens=64 …]
 
-Runs `rrr collect-failures` (rrr.failures.run) on the first `queries` Countdown training queries with
-2 samples each — its run dir is the failure set the train-step benches use — and then
+Runs `rrr collect-failures` (rrr.failures.run) on the first `collect_queries` (default: `queries`)
+training queries with `samples` samples each — its run dir is the failure set the train-step benches
+use, trimmed to `queries` failed queries by bench.run — and then
 `rrr.evaluate.evaluate_batch` (what `rrr evaluate` runs: attempt 1, reflection + retry and the three
 controls for the failures) on `queries` test examples. Only the generation calls are timed.
 """
@@ -19,7 +20,8 @@ from bench.common import DEFAULTS, Timer, emit, parse_args, rrr_overrides, set_t
 
 
 def main() -> None:
-    a = parse_args(defaults={**DEFAULTS, "samples": 2})
+    a = parse_args(defaults={**DEFAULTS, "samples": 2, "collect_queries": 0})
+    collect_queries = a["collect_queries"] or a["queries"]
     set_threads(a["threads"])
     from rrr import failures
     from rrr.config import compose
@@ -38,13 +40,13 @@ def main() -> None:
         return rows
 
     failures.collect_chunk = timed_chunk
-    run_dir = Path(a["out"]) / f"failures-{a['model']}"
+    run_dir = Path(a["out"]) / f"failures-{a['task']}-{a['model']}"
     shutil.rmtree(run_dir, ignore_errors=True)
     budgets = [f"eval.sampling.{s}.max_tokens={a[k]}" for s, k in
                (("attempt1", "attempt1_tokens"), ("reflection", "reflection_tokens"), ("attempt2", "retry_tokens"))]
-    cfg = compose([*rrr_overrides(a), f"data.limit={a['queries']}", f"collect.samples_per_query={a['samples']}",
+    cfg = compose([*rrr_overrides(a), "data.split=train", f"data.limit={collect_queries}", f"collect.samples_per_query={a['samples']}",
                    f"collect.keep_attempts={a['samples']}", f"collect.max_tokens={a['attempt1_tokens']}",
-                   f"collect.batch_queries={a['queries']}", f"run_dir={run_dir}", *budgets,
+                   f"collect.batch_queries={min(collect_queries, 8)}", f"run_dir={run_dir}", *budgets,
                    f"eval.batch_queries={a['queries']}"])
     failures.run(cfg)
     collect_s = timer.take()["collect_s"]

@@ -1,6 +1,7 @@
 """TRL's `GRPOTrainer` on the shared workload: R3 through `rollout_func` + `env_mask`, or plain GRPO.
 
     python -m bench.trl_grpo mode=r3 failures=RUN_DIR [model=… queries=8 group=4 …]
+    python -m bench.trl_grpo mode=r3_full failures=RUN_DIR
     python -m bench.trl_grpo mode=plain failures=RUN_DIR
 
 Written from TRL's documented API (trl 1.16, `trl/trainer/grpo_trainer.py`): `rollout_func(prompts,
@@ -8,11 +9,14 @@ trainer)` receives the generation batch's prompts, each `num_generations` times 
 and returns `prompt_ids`, `completion_ids`, `logprobs` (None: HF generate gives none) and `env_mask`
 (1 = in the loss); every other key goes to the reward functions as a keyword.
 
-R3 (mode=r3): the prompt is the failed query's reflection prompt (task prompt · stored attempt 1 ·
+R3 (mode=r3, lean): the prompt is the failed query's reflection prompt (task prompt · stored attempt 1 ·
 feedback, the attempt 1 `rrr train` picks at that step); the rollout samples G reflections with one
 `model.generate(num_return_sequences=G)` per batch, then one retry per reflection with a second
-`generate`; completion = reflection · retry prompt · retry, env_mask = 1 on the reflection (0 when it
-was truncated, as rrr does), reward = verify(retry).
+`generate`; the completion is the reflection alone (what the loss covers; env_mask = 1 on it, 0 when it
+was truncated, as rrr does), and the retry's reward travels in the extra key `retry_reward`, so TRL
+scores (reference and policy forwards) no token past the reflection: what a good TRL user would write.
+R3 (mode=r3_full, the bench's earlier variant): completion = reflection · retry prompt · retry, env_mask
+1 on the reflection only; TRL then runs the retry through every forward for nothing.
 Plain GRPO (mode=plain): the task prompts, G completions of ≤ reflection + retry tokens each, reward =
 verify(completion): TRL's own generation path at about the same number of generated tokens.
 
@@ -32,12 +36,14 @@ import time
 
 import torch
 
-from bench.common import DEFAULTS, Timer, emit, parse_args, set_threads, summarize_steps
+from bench.common import DEFAULTS, Timer, emit, model_dtype, parse_args, set_threads, summarize_steps
 from bench.workload import attempt1, hf_generate, load_workload, reflection_prompts, retry_prompt
 
 
 def main() -> None:
     a = parse_args(defaults={**DEFAULTS, "mode": "r3"})
+    if a["mode"] not in MODES:
+        raise SystemExit(f"error: mode={a['mode']!r} is not one of {', '.join(MODES)}")
     set_threads(a["threads"])
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
@@ -55,9 +61,10 @@ def main() -> None:
     key_of = lambda messages: json.dumps(messages, sort_keys=True)                       # noqa: E731
     index_of = {key_of(task.messages(ex, cfg.prompts)): i for i, ex in enumerate(examples)}
     dataset = Dataset.from_list([{"prompt": task.messages(ex, cfg.prompts)} for ex in examples])
-    counts = {"generated_tokens": 0}
-
-    r3_rollout = make_r3_rollout(cfg, tokenizer, task, examples, stored, G, sampling, counts)
+    counts = new_counts()
+    r3 = a["mode"] != "plain"
+    r3_rollout = make_r3_rollout(cfg, tokenizer, task, examples, stored, G, sampling, counts,
+                                 lean=a["mode"] == "r3") if r3 else None
 
     def r3_reward(prompts, completions, retry_reward, **kwargs):
         return list(retry_reward)
@@ -70,14 +77,14 @@ def main() -> None:
                                          tokenizer.decode(ids, skip_special_tokens=True)).correct))
         return out
 
-    r3 = a["mode"] == "r3"
     budget = sampling["reflection"].max_tokens + sampling["attempt2"].max_tokens
     args = GRPOConfig(
         output_dir=os.path.join(a["out"], f"trl-{a['mode']}-{a['model']}"), report_to="none", save_strategy="no",
         use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, seed=a["seed"], logging_steps=1,
-        max_steps=a["steps"], learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+        max_steps=a["steps"], learning_rate=float(cfg.train.lr), lr_scheduler_type="constant", warmup_steps=0,
         per_device_train_batch_size=G, gradient_accumulation_steps=Q, num_generations=G,
-        max_completion_length=budget if not r3 else budget + 64, temperature=1.0, top_k=0, top_p=1.0,
+        max_completion_length={"plain": budget, "r3": sampling["reflection"].max_tokens, "r3_full": budget + 64}[a["mode"]],
+        temperature=1.0, top_k=0, top_p=1.0,
         beta=a["beta"], loss_type="grpo", scale_rewards="group", epsilon=0.2, num_iterations=1,
         gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
         log_completions=False, disable_tqdm=True, max_grad_norm=1.0,
@@ -86,7 +93,7 @@ def main() -> None:
                       target_modules=a["lora_targets"].split(","), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=r3_reward if r3 else plain_reward, args=args,
                           train_dataset=dataset, processing_class=tokenizer, peft_config=peft,
-                          rollout_func=r3_rollout if r3 else None)
+                          rollout_func=r3_rollout)
 
     timer, steps = Timer(), []
     trainer._generate = timer.wrap(trainer._generate, "generation_s")
@@ -103,28 +110,53 @@ def main() -> None:
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             timer.take()
-            counts["generated_tokens"] = 0
+            counts.update(new_counts())
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            step_s = time.perf_counter() - self.t0
-            t = timer.take()
-            gen, ref, prep = t.get("generation_s", 0.0), t.get("ref_logprobs_s", 0.0), t.get("prepare_s", 0.0)
-            n = counts["generated_tokens"]
-            steps.append({"step_s": step_s, "generation_s": gen, "ref_logprobs_s": ref,
-                          "fwd_bwd_opt_s": step_s - prep, "other_s": prep - gen - ref, "generated_tokens": n,
-                          "tokens_per_s": n / step_s, "generation_tokens_per_s": n / max(gen, 1e-9),
+            steps.append({**trl_step_record(time.perf_counter() - self.t0, timer.take(), counts),
                           "rss_gb": round(_rss(), 3)})
             print(f"trl-{a['mode']} step {state.global_step}: {json.dumps(steps[-1])}", flush=True)
 
     trainer.add_callback(StepTimer())
     trainer.train()
-    emit({"system": "TRL R3 (rollout_func + env_mask)" if r3 else "TRL plain GRPO", "args": a,
-          **summarize_steps(steps)})
+    emit({"system": SYSTEMS[a["mode"]], "args": a, **summarize_steps(steps),
+          "engine_config": {"name": "transformers model.generate (in the rollout_func)", "compiled": False,
+                            "lora_sync": "peft unmerged (shared model)", "model_dtype": model_dtype(cfg),
+                            "gradient_checkpointing": False, "micro_batch_size": G,
+                            "completion": {"r3": "reflection", "r3_full": "reflection · retry prompt · retry",
+                                           "plain": "completion"}[a["mode"]]}})
 
 
-def make_r3_rollout(cfg, tokenizer, task, examples, stored, G: int, sampling, counts: dict):
-    """A TRL `rollout_func` running R3 on the failed queries `examples` (their stored attempts `stored`)."""
+MODES = ("r3", "r3_full", "plain")
+SYSTEMS = {"r3": "TRL R3 (rollout_func, completion = reflection)",
+           "r3_full": "TRL R3 (rollout_func, completion = reflection · retry prompt · retry)",
+           "plain": "TRL plain GRPO"}
+
+
+def new_counts() -> dict:
+    """Per-step workload counters the rollout (or the plain reward) fills."""
+    return {"generated_tokens": 0, "reflections": 0, "truncated_reflections": 0, "seq_len_max": 0,
+            "update_len_max": 0}
+
+
+def trl_step_record(step_s: float, seconds: dict[str, float], counts: dict) -> dict[str, float]:
+    """One TRL step: phases (generation = `_generate`; reference = `_get_per_token_logps_and_entropies`
+    without grad; fwd+bwd+opt = the step minus `_prepare_inputs`), update = reference + fwd+bwd+opt."""
+    gen, ref, prep = seconds.get("generation_s", 0.0), seconds.get("ref_logprobs_s", 0.0), seconds.get("prepare_s", 0.0)
+    n = counts["generated_tokens"]
+    return {"step_s": step_s, "generation_s": gen, "ref_logprobs_s": ref, "fwd_bwd_opt_s": step_s - prep,
+            "update_s": ref + step_s - prep, "other_s": prep - gen - ref, "sampled_tokens": n,
+            "generated_tokens": n, "tokens_per_s": n / step_s, "generation_tokens_per_s": n / max(gen, 1e-9),
+            "reflections": counts["reflections"],
+            "truncated_reflection_share": counts["truncated_reflections"] / counts["reflections"]
+            if counts["reflections"] else 0.0,
+            "seq_len_max": counts["seq_len_max"], "update_len_max": counts["update_len_max"]}
+
+
+def make_r3_rollout(cfg, tokenizer, task, examples, stored, G: int, sampling, counts: dict, lean: bool = True):
+    """A TRL `rollout_func` running R3 on the failed queries `examples` (their stored attempts `stored`).
+    lean: the completion is the reflection alone; else reflection · retry prompt · retry."""
     from rrr.engines.hf import stop_token_ids
 
     key_of = lambda messages: json.dumps(messages, sort_keys=True)                       # noqa: E731
@@ -149,7 +181,8 @@ def make_r3_rollout(cfg, tokenizer, task, examples, stored, G: int, sampling, co
         for row, (rp, retry) in enumerate(zip(retry_prefixes, retries)):
             u, g = divmod(row, G)
             prefix, reflection = prefixes[u], reflections[u][g]
-            completion = list(rp.ids[len(prefix.ids):]) + retry                 # reflection · retry prompt · retry
+            episode = list(rp.ids[len(prefix.ids):]) + retry                    # reflection · retry prompt · retry
+            completion = list(reflection) if lean else episode
             truncated = not reflection or reflection[-1] not in stop
             out["prompt_ids"].append(list(prefix.ids))
             out["completion_ids"].append(completion)
@@ -157,6 +190,10 @@ def make_r3_rollout(cfg, tokenizer, task, examples, stored, G: int, sampling, co
             verdict = task.verify(examples[unique[u]], tokenizer.decode(retry, skip_special_tokens=True))
             out["retry_reward"].append(float(verdict.correct))
             counts["generated_tokens"] += len(reflection) + len(retry)
+            counts["reflections"] += 1
+            counts["truncated_reflections"] += int(truncated)
+            counts["seq_len_max"] = max(counts["seq_len_max"], len(prefix.ids) + len(episode))
+            counts["update_len_max"] = max(counts["update_len_max"], len(prefix.ids) + len(completion))
         return out
 
     return r3_rollout

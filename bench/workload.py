@@ -6,6 +6,7 @@ Prompt ids are built with rrr's template deltas (rrr.episode), so every system s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -14,12 +15,35 @@ import torch
 def load_workload(a: dict[str, Any]):
     """(cfg, examples, stored attempts) of the failure set `a['failures']`, first `a['queries']` queries."""
     from rrr.config import compose
-    from rrr.trainer import load_failure_set
+    from rrr.failure_set import load_failure_set
     from bench.common import rrr_overrides
 
     cfg = compose([*rrr_overrides(a), f"train.failures={a['failures']}"])
     examples, stored = load_failure_set(a["failures"], 0.0, 1.0)
     return cfg, examples[:a["queries"]], stored[:a["queries"]]
+
+
+def trim_failures(src: str | Path, dst: str | Path, n: int) -> Path:
+    """A copy of the failure set `src` holding its first `n` failed queries (with a stored attempt), so
+    every side trains on exactly the same queries: rrr's cursor then draws all n each step, as TRL's
+    sampler does over a dataset of n prompts."""
+    import shutil
+
+    import pandas as pd
+
+    src, dst = Path(src), Path(dst)
+    df = pd.read_parquet(src / "failures.parquet")
+    df = df[[len(t) > 0 for t in df["failed_token_ids"]]].head(n)
+    if len(df) < n:
+        raise SystemExit(f"error: {src} holds {len(df)} failed queries, the bench needs queries={n}: raise "
+                         "collect_queries (more queries to collect failures from) or lower queries")
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for name in ("manifest.json", "config.yaml", "summary.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    df.reset_index(drop=True).to_parquet(dst / "failures.parquet")
+    return dst
 
 
 def attempt1(cfg, example, stored: dict, step: int):

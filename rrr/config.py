@@ -94,6 +94,9 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra.errors import ConfigCompositionException, HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from rrr.config_schema import register
+
+    register()
     overrides = list(overrides or [])
     _check_groups(overrides)
     group_only = [o for o in overrides if _split(o)[0].lstrip("+~") in GROUPS]
@@ -111,7 +114,36 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def _schema_error(e: Exception, overrides: list[str]) -> str | None:
+    """A value the typed schema (rrr/config_schema.py) refuses, in the same words as `_check_types`:
+    a choice that does not exist names the valid ones; a value of the wrong type names the type."""
+    import re
+
+    from omegaconf.errors import ValidationError
+
+    cause = e
+    while cause is not None and not isinstance(cause, ValidationError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or not getattr(cause, "full_key", None):
+        return None
+    key, text = cause.full_key, str(cause).splitlines()[0]
+    given = next((_split(o)[1] for o in overrides if _split(o)[0].lstrip("+~") == key), None)
+    choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", text)
+    if choice:
+        return f"{key}={choice.group(1)!r}; valid choices: {choice.group(2)}"
+    typed = re.match(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", text)
+    if typed:
+        value = given if given is not None else typed.group(1)
+        shown = repr(value) if typed.group(2) == "str" else value
+        expects = {"Integer": "int", "Float": "float", "Boolean": "bool"}.get(typed.group(3), typed.group(3))
+        return f"{key}={shown} has type {typed.group(2)}, but {key} expects {expects}"
+    return None
+
+
 def _explain(e: Exception, overrides: list[str]) -> str:
+    schema = _schema_error(e, overrides)
+    if schema:
+        return schema
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     cause = e.__cause__ or e.__context__
     detail = str(cause).strip().splitlines()[0] if cause and str(cause).strip() else ""

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
 from rrr.config import UserError
-from rrr.episode import Segment
+from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import reflection_leaks
 from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, claim_run_dir,
                       done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_parts, sampling_params,
@@ -49,7 +49,7 @@ COMMAND = "evaluate"
 STEP = 0                     # evaluation seeds use step 0, so every evaluate run draws the same attempt 1
 CONTROLS = ("best_of_2", "retry_no_reflection", "generic_reflection")
 REFLECTION_MODE = {"retry_no_reflection": "none", "generic_reflection": "generic"}
-SEGMENTS = ("attempt1", "reflection", "attempt2")
+SEGMENTS = SAMPLED_SEGMENTS
 
 
 # ----------------------------------------------------------------------------- config and provenance

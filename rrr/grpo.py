@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rrr.config_schema import IsCorrection, LossAgg, values
 from rrr.episode import Segment
 
-LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "token_sum_norm")
+LOSS_AGGREGATIONS = values(LossAgg)   # ("seq_mean_token_mean", "token_mean", "token_sum_norm")
 
 
 def zero_std_groups(rewards: Tensor) -> Tensor:
@@ -62,7 +63,7 @@ def policy_loss(
     return _on_mask(-torch.min(ratio * adv, clipped * adv), mask)
 
 
-IS_CORRECTIONS = ("none", "token_tis")
+IS_CORRECTIONS = values(IsCorrection)   # ("none", "token_tis")
 
 
 def tis_weights(logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-LEAK_MODES = ("keep", "no_reward")
+from rrr.config_schema import Leak, values
+
+LEAK_MODES = values(Leak)   # ("keep", "no_reward")
 
 
 def reflection_leaks(task: Any, example: Any, text: str | None) -> bool:

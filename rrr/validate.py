@@ -12,8 +12,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rrr.config import UserError
-
-SAMPLED = ("attempt1", "reflection", "attempt2")
+from rrr.episode import SAMPLED_SEGMENTS as SAMPLED
 
 
 def check_sampling(node: Any, where: str) -> None:

@@ -100,7 +100,7 @@ def measure(model: str, sampler: str, *, steps: int, dtype: str = "bfloat16", fi
                    "train.sampling.reflection.max_tokens=48", "train.sampling.attempt2.max_tokens=16",
                    "engine=hf", "engine.max_logprob_diff=null", "logger=none", "log.progress=false", *extra])
     gaps: list[torch.Tensor] = []
-    real_diff, real_build = trainer._abs_diff_sum, trainer.build_engine
+    real_diff, real_build = trainer.sampler_abs_diff_sum, trainer.build_engine
     # a random tiny model almost never ends a turn by itself: there every third id stops a sample
     stop = {"stop_ids": list(range(0, len(tokenizer_of(model)), 3))} if model == "tiny-random" else {}
 
@@ -125,11 +125,11 @@ def measure(model: str, sampler: str, *, steps: int, dtype: str = "bfloat16", fi
         per_step.append(torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64))
         return out
 
-    trainer._abs_diff_sum, trainer.build_engine, trainer.policy_update = record, build, update
+    trainer.sampler_abs_diff_sum, trainer.build_engine, trainer.policy_update = record, build, update
     try:
         run = trainer.run(cfg)
     finally:
-        trainer._abs_diff_sum, trainer.build_engine, trainer.policy_update = real_diff, real_build, real_update
+        trainer.sampler_abs_diff_sum, trainer.build_engine, trainer.policy_update = real_diff, real_build, real_update
     import json
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

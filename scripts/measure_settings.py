@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from rrr import grpo
 from rrr import trainer as tr
+from rrr.train_log import rollout_stats
 from rrr.config import compose
 from rrr.engines import build_engine
 from rrr.rollout import sampling_from_cfg
@@ -47,29 +48,29 @@ def measure(cfg, model, reference, tokenizer, engine, steps: int, episodes_out: 
     examples, stored = tr.load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate, cfg.task.name)
     optimizer, _ = tr.build_optimizer(cfg, model)
     task = get_task(cfg.task.name)
-    sampling = sampling_from_cfg(t.sampling)
+    ctx = tr.Rollouts(engine, tokenizer, task, cfg.prompts, sampling_from_cfg(t.sampling), int(cfg.seed),
+                      int(t.group_size), t.leak)
     cursor = tr.FailureCursor(n=len(examples), seed=int(cfg.seed))
     engine.load_weights(model)                               # empties the prefix cache: no carry-over
     rows = []
     for step in range(1, steps + 1):
         t0 = time.time()
         batch = cursor.draw(int(t.batch_queries))
-        queries = [examples[i] for i in batch]
-        attempts1, _ = tr.first_attempts(cfg, engine, tokenizer, task, queries, [stored[i] for i in batch],
-                                         sampling, step)
-        groups = tr.reflect_retry(cfg, engine, tokenizer, task, queries, attempts1, sampling, step, int(cfg.seed))
-        rewards = tr.group_scores(cfg, task, queries, groups)
+        queries, ctx = [examples[i] for i in batch], ctx.for_step()
+        attempts1, _ = tr.first_attempts(ctx, t.attempt1, queries, [stored[i] for i in batch], step)
+        groups = tr.reflect_retry(ctx, queries, attempts1, step)
+        rewards = tr.group_scores(ctx, queries, groups)
         mixed_first = int((~grpo.zero_std_groups(rewards)).sum())
         if t.zero_std == "resample":
-            groups, rewards = tr.resample_zero_std(cfg, engine, tokenizer, task, queries, attempts1, sampling,
-                                                   step, groups, rewards)
+            groups, rewards = tr.resample_zero_std(ctx, queries, attempts1, step, groups, rewards,
+                                                   int(t.resample_tries))
         mixed = ~grpo.zero_std_groups(rewards)
         keep = mixed if t.zero_std in ("skip", "resample") else torch.ones(len(groups), dtype=torch.bool)
         gen_s = time.time() - t0
         advantages = grpo.group_advantages(rewards, t.scale_rewards)
         trained, trained_advantages = tr.training_batch(groups, rewards, advantages, keep)
         update = tr.policy_update(cfg, model, reference, optimizer, tokenizer, trained, trained_advantages)
-        stats = tr.rollout_stats(groups, rewards)
+        stats = rollout_stats(groups, rewards)
         rows.append({"step": step, "queries": [q.id for q in queries], "groups": len(groups),
                      "mixed_first_draw": mixed_first, "mixed": int(mixed.sum()),
                      "reward_mean": stats["reward_mean"], "truncated_reflection": stats["truncated_reflection"],

@@ -50,8 +50,11 @@ def test_a_healthy_bf16_run_stays_under_the_bf16_default_with_tis_weights_near_o
     assert [r["step"] for r in rows] == [1, 2, 3] and len(gaps) > 20
     summary = bf16_gap.summary(out["per_token"])
     print(f"tiny-random bf16 {finetune}, hf engine on the policy: {summary}")
+    # measured per step: full ≤ 0.002 (the same autocast arithmetic); LoRA 0.057, since engine=hf samples
+    # from W + ΔW merged into a bf16 buffer (engine.merge_lora) while the trainer adds an fp32 adapter path
+    bound = BF16 / 5 if finetune == "full" else BF16
     for r in rows:
-        assert 0 <= r["sync/logprob_diff"] < BF16 / 5                     # measured ≤ 0.002
+        assert 0 <= r["sync/logprob_diff"] < bound
         assert r["sync/logprob_diff"] == pytest.approx(gaps.mean().item(), abs=0.05)
         assert abs(r["is_ratio_mean"] - 1) < 0.02 and r["is_capped_frac"] == 0
     assert 0 < gaps.max() < 1.0                   # bf16 is not bit-exact (fp32 is < 1e-4), but close

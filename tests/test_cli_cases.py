@@ -94,11 +94,11 @@ def test_impossible_settings_are_refused_before_any_work(tmp_path, args, needle)
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["train.lr=-1"], "train.lr=-1 must be > 0"),
-    (["train.sampling.reflection.temperature=-1"], "train.sampling.reflection.temperature=-1 must be >= 0"),
+    (["train.lr=-1"], "train.lr=-1.0 must be > 0"),
+    (["train.sampling.reflection.temperature=-1"], "train.sampling.reflection.temperature=-1.0 must be >= 0"),
     (["train.sampling.attempt1.max_tokens=0"], "must be an integer >= 1"),
     (["train.leak=maybe"], "train.leak='maybe'; valid choices: keep, no_reward"),
-    (["train.malloc_mmap_threshold_mb=-1"], "train.malloc_mmap_threshold_mb=-1: a size in MB >= 0"),
+    (["train.malloc_mmap_threshold_mb=-1"], "train.malloc_mmap_threshold_mb=-1.0: a size in MB >= 0"),
     (["train.malloc_mmap_threshold_mb=big"], "train.malloc_mmap_threshold_mb='big' has type str, but"),
     (["train.batch_queries=5"], "train.batch_queries=5 > the 3 failed queries"),
     (["logger=wandb", "logger.mode=online"], "logger.mode=online needs a wandb login"),
@@ -264,15 +264,15 @@ def test_two_processes_cannot_hold_one_run_dir(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, failures, monkeypatch, capsys):
-    from rrr import trainer
+    from rrr import train_log, trainer
     from rrr.config import compose
 
     trainer_fakes.install(monkeypatch, trainer)
     cfg = compose(train_args(failures, "train.save_every=1", "train.steps=3", f"run_dir={tmp_path / 'run'}")[1:])
-    real = trainer_fakes.crash_in_step(monkeypatch, trainer, 3)
+    real = trainer_fakes.crash_in_step(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.run(cfg)
-    monkeypatch.setattr(trainer, "peak_rss_gb", real)
+    monkeypatch.setattr(train_log, "peak_rss_gb", real)
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00001", "step_00002"]
     corrupt(ckpts / "step_00002" / "adapter_model.safetensors", "garbage")

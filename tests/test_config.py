@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from typer.testing import CliRunner
 
@@ -72,3 +74,21 @@ def test_experiment_preset_wins_over_root_and_group_defaults_and_cli_wins_over_i
     cfg = compose(["experiment=demo"])
     assert cfg.data.limit == 16 and cfg.train.group_size == 4 and cfg.prompts.feedback_with_reason is True
     assert compose(["experiment=demo", "data.limit=3"]).data.limit == 3
+
+
+def test_the_train_schema_is_the_one_source_of_choices_and_types():
+    """Hydra refuses a train choice or type that rrr/config_schema.py does not allow, naming the valid
+    values, and the composed values are typed (no casts needed downstream)."""
+    from rrr import config_schema, grpo, leak
+
+    assert grpo.LOSS_AGGREGATIONS == config_schema.values(config_schema.LossAgg)
+    assert leak.LEAK_MODES == config_schema.values(config_schema.Leak)
+    cfg = compose(["train.finetune=full", "train.lr=1", "train.steps=3"])
+    assert cfg.train.finetune == "full" and f"{cfg.train.finetune}" == "full"
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.steps, int)
+    with pytest.raises(ConfigError, match=r"^train.zero_std='often'; valid choices: keep, skip, resample$"):
+        compose(["train.zero_std=often"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size='two' has type str, but .* expects int"):
+        compose(["train.micro_batch_size=two"])
+    yaml_keys = set(compose([]).train.keys())
+    assert yaml_keys == {f.name for f in dataclasses.fields(config_schema.TrainConfig)}

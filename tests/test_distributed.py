@@ -159,7 +159,7 @@ def test_resume_on_another_rank_count_gives_the_straight_run(tmp_path, failures,
     """One process crashes in step 3 (checkpoint step 2); two ranks resume it and end where the
     uninterrupted single-process run ends, saying in one line that the rank count changed."""
     trainer_fakes.install(monkeypatch, trainer)
-    trainer_fakes.crash_in_step(monkeypatch, trainer, 3)
+    trainer_fakes.crash_in_step(monkeypatch, 3)
     run = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.run(compose(train_overrides(failures, run)))

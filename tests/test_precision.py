@@ -28,8 +28,9 @@ def episodes_of(cfg, failures: Path, tokenizer):
     examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
     attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
     engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
-                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    ctx = trainer.Rollouts(engine, tokenizer, trainer_fakes.ParityTask(), cfg.prompts,
+                           trainer.sampling_from_cfg(cfg.train.sampling), seed=0, group_size=4)
+    groups = trainer.reflect_retry(ctx, examples, attempts, 1)
     episodes = [ep for g in groups for ep in g]
     return episodes, torch.linspace(-1.0, 1.0, len(episodes))
 

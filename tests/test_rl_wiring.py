@@ -71,8 +71,7 @@ def test_tis_scales_each_tokens_gradient_by_min_of_policy_over_sampler_and_the_c
     examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
     attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
     engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
-                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    groups = trainer.reflect_retry(rollouts(cfg, engine, tokenizer, trainer_fakes.ParityTask()), examples, attempts, 1)
     episodes = [ep for g in groups for ep in g]
     advantages = torch.linspace(-1.0, 1.0, len(episodes))
     seen = capture_logp(monkeypatch)
@@ -126,22 +125,25 @@ def expected_rewards(group) -> list[float]:
     return [0.0 if odd(ep.texts.get("reflection")) else 1.0 for ep in group]
 
 
-def redraw_setup(failures, tmp_path, smol_tokenizer, *extra):
-    cfg = config(failures, tmp_path / "run", "train.leak=no_reward", "train.resample_tries=3", *extra)
+def rollouts(cfg, engine, tokenizer, task) -> trainer.Rollouts:
+    return trainer.Rollouts(engine, tokenizer, task, cfg.prompts, trainer.sampling_from_cfg(cfg.train.sampling),
+                            seed=int(cfg.seed), group_size=int(cfg.train.group_size), leak=cfg.train.leak)
+
+
+def redraw_setup(failures, tmp_path, smol_tokenizer, task):
+    """The rollout context (leak=no_reward), the failed attempts and a first draw of their groups."""
+    cfg = config(failures, tmp_path / "run", "train.leak=no_reward")
     examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
     attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
     engine = trainer_fakes.RandomStopEngine(smol_tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    sampling = trainer.sampling_from_cfg(cfg.train.sampling)
-    groups = trainer.reflect_retry(cfg, engine, smol_tokenizer, AlwaysPassLeakyTask(), examples, attempts,
-                                   sampling, step=1, seed=int(cfg.seed))
-    return cfg, engine, examples, attempts, sampling, groups
+    ctx = rollouts(cfg, engine, smol_tokenizer, task)
+    return cfg, ctx, examples, attempts, trainer.reflect_retry(ctx, examples, attempts, 1)
 
 
 def test_redrawn_groups_get_the_leak_policy_read_off_their_reflections(tmp_path, failures, smol_tokenizer):
-    cfg, engine, examples, attempts, sampling, groups = redraw_setup(failures, tmp_path, smol_tokenizer)
+    cfg, ctx, examples, attempts, groups = redraw_setup(failures, tmp_path, smol_tokenizer, AlwaysPassLeakyTask())
     rewards = torch.ones(len(groups), 4)                            # the first draw: all pass, none leaked
-    out, out_rewards = trainer.resample_zero_std(cfg, engine, smol_tokenizer, AlwaysPassLeakyTask(), examples,
-                                                 attempts, sampling, 1, groups, rewards)
+    out, out_rewards = trainer.resample_zero_std(ctx, examples, attempts, 1, groups, rewards, tries=3)
     replaced = [q for q in range(len(groups)) if out[q] is not groups[q]]
     assert replaced                                                 # a re-draw with a leak made a group mixed
     episodes = [ep for q in replaced for ep in out[q]]
@@ -157,7 +159,9 @@ def test_redrawn_groups_get_the_leak_policy_read_off_their_reflections(tmp_path,
 
 
 def test_each_redraw_samples_with_its_own_seed(tmp_path, failures, smol_tokenizer, monkeypatch):
-    cfg, engine, examples, attempts, sampling, groups = redraw_setup(failures, tmp_path, smol_tokenizer)
+    task = AlwaysPassLeakyTask()
+    task.answer_in = lambda example, text: False                   # no re-draw ever varies: all 3 tries run
+    cfg, ctx, examples, attempts, groups = redraw_setup(failures, tmp_path, smol_tokenizer, task)
     seeds = []
     real = trainer.reflect_retry
 
@@ -166,10 +170,7 @@ def test_each_redraw_samples_with_its_own_seed(tmp_path, failures, smol_tokenize
         return real(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(trainer, "reflect_retry", spy)
-    task = AlwaysPassLeakyTask()
-    task.answer_in = lambda example, text: False                   # no re-draw ever varies: all 3 tries run
-    trainer.resample_zero_std(cfg, engine, smol_tokenizer, task, examples, attempts, sampling, 1, groups,
-                              torch.ones(len(groups), 4))
+    trainer.resample_zero_std(ctx, examples, attempts, 1, groups, torch.ones(len(groups), 4), tries=3)
     assert len(seeds) == 3 and len(set(seeds)) == 3 and int(cfg.seed) not in seeds
 
 

@@ -16,12 +16,19 @@ import torch
 from safetensors.torch import load_file
 
 import trainer_fakes
-from rrr import trainer
+from rrr import train_log, train_setup, trainer
 from rrr.checkpoint import COMPLETE, latest_checkpoint
 from rrr.config import UserError, compose
 
 torch.set_num_threads(1)
 TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+
+
+def rollouts(cfg, engine, tokenizer, task=None) -> trainer.Rollouts:
+    """The trainer's rollout context for `cfg`, with the parity task unless `task` is given."""
+    return trainer.Rollouts(engine, tokenizer, task or trainer_fakes.ParityTask(), cfg.prompts,
+                            trainer.sampling_from_cfg(cfg.train.sampling), seed=0,
+                            group_size=int(cfg.train.group_size), leak=cfg.train.leak)
 
 
 def config(failures: Path, run: Path, *extra: str):
@@ -76,7 +83,7 @@ def test_resume_replays_the_straight_run_bit_for_bit(tmp_path, failures, monkeyp
     straight = trainer.run(config(failures, tmp_path / "straight"))
 
     calls = {"n": 0}
-    real = trainer.peak_rss_gb
+    real = train_log.peak_rss_gb
 
     def crash_in_step_3():                     # after step 3's optimizer step, before its metrics row
         calls["n"] += 1
@@ -84,7 +91,7 @@ def test_resume_replays_the_straight_run_bit_for_bit(tmp_path, failures, monkeyp
             raise RuntimeError("simulated crash")
         return real()
 
-    monkeypatch.setattr(trainer, "peak_rss_gb", crash_in_step_3)
+    monkeypatch.setattr(train_log, "peak_rss_gb", crash_in_step_3)
     cfg = config(failures, tmp_path / "resumed")
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.run(cfg)
@@ -92,7 +99,7 @@ def test_resume_replays_the_straight_run_bit_for_bit(tmp_path, failures, monkeyp
     assert latest_checkpoint(resumed).name == "step_00002"
     with open(resumed / "metrics.jsonl", "a") as f:            # a row from the lost step: must be dropped
         f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
-    monkeypatch.setattr(trainer, "peak_rss_gb", real)
+    monkeypatch.setattr(train_log, "peak_rss_gb", real)
     with pytest.raises(UserError, match=r"different settings \(train\.lr\)"):
         trainer.run(config(failures, resumed, "train.lr=0.02"))     # other settings: refused, nothing written
     assert latest_checkpoint(resumed).name == "step_00002"
@@ -150,8 +157,7 @@ def scripted_batch(cfg, failures: Path):
     examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
     attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
     engine = trainer_fakes.RandomStopEngine(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
-                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    groups = trainer.reflect_retry(rollouts(cfg, engine, tokenizer), examples, attempts, step=1)
     advantages = trainer.grpo.group_advantages(trainer.group_rewards(groups, 4)).flatten()
     return model, tokenizer, [ep for g in groups for ep in g], advantages
 
@@ -184,10 +190,10 @@ def test_cursor_is_an_epoch_aware_permutation_that_resumes_exactly():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    cosine = trainer.lr_lambda(warmup=2, total=10, schedule="cosine")
+    cosine = train_setup.lr_lambda(warmup=2, total=10, schedule="cosine")
     assert [cosine(0), cosine(1), cosine(2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert cosine(6) == pytest.approx(0.5) and 0 < cosine(9) < cosine(8)
-    assert trainer.lr_lambda(0, 10, "constant")(9) == 1.0
+    assert train_setup.lr_lambda(0, 10, "constant")(9) == 1.0
 
 
 def test_failure_set_filter_and_errors(tmp_path, failures):
@@ -222,7 +228,7 @@ def test_rollout_stats_counts_mixed_groups_after_resampling():
     """mixed_groups = groups whose scorable rewards vary: the only ones a GRPO update learns from."""
     nan = float("nan")
     rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [nan, 1.0, 0.0], [nan, nan, 1.0]])
-    stats = trainer.rollout_stats([[] for _ in range(5)], rewards)
+    stats = train_log.rollout_stats([[] for _ in range(5)], rewards)
     assert stats["mixed_groups"] == 2 and stats["groups"] == 5
 
 
@@ -256,9 +262,9 @@ def test_sigkill_mid_step_resumes_and_leaves_only_complete_checkpoints(tmp_path,
 def test_malloc_mmap_threshold_is_set_on_glibc_and_off_at_zero():
     import platform
 
-    assert trainer.malloc_mmap_threshold(0) is False
+    assert train_setup.malloc_mmap_threshold(0) is False
     if platform.libc_ver()[0] == "glibc":
-        assert trainer.malloc_mmap_threshold(4 << 20) is True
+        assert train_setup.malloc_mmap_threshold(4 << 20) is True
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
@@ -275,8 +281,7 @@ def test_trainer_logprobs_are_the_engines_at_the_sampling_temperature(tmp_path, 
     attempts = [trainer.stored_attempt(s, e, 0, 1) for e, s in zip(examples, stored)]
     # a random tiny model almost never ends a turn by itself: every even id stops a sample (~2 tokens each)
     engine = HFEngine(model, tokenizer, stop_ids=list(range(0, len(tokenizer), 2)))
-    groups = trainer.reflect_retry(cfg, engine, tokenizer, trainer_fakes.ParityTask(), examples, attempts,
-                                   trainer.sampling_from_cfg(cfg.train.sampling), step=1, seed=0)
+    groups = trainer.reflect_retry(rollouts(cfg, engine, tokenizer), examples, attempts, step=1)
     episodes = [ep for g in groups for ep in g]
     advantages = torch.ones(len(episodes))
     reference = trainer.build_reference(cfg, model)

@@ -123,14 +123,15 @@ def test_resample_replaces_only_zero_std_groups_with_their_own_first_varied_draw
     }
     calls = []
 
-    def fake_reflect_retry(cfg, engine, tokenizer, task, qs, attempts1, sampling, step, seed, stats=None):
+    def fake_reflect_retry(ctx, qs, attempts1, step, seed=None):
         attempt = len(calls) + 1
         calls.append([q.id for q in qs])
         return [draws[attempt][q.id] for q in qs]
 
     monkeypatch.setattr(trainer, "reflect_retry", fake_reflect_retry)
     task = SimpleNamespace(answer_in=lambda ex, text: False)
-    out, out_rewards = trainer.resample_zero_std(cfg, None, None, task, queries, [None] * 3, None, 1, groups, rewards)
+    ctx = trainer.Rollouts(None, None, task, None, {}, seed=0, group_size=2, leak=cfg.train.leak)
+    out, out_rewards = trainer.resample_zero_std(ctx, queries, [None] * 3, 1, groups, rewards, tries=3)
     assert calls == [["q0", "q2"], ["q2"]]                          # only zero-std groups, until none is left
     assert [[e.tag for e in g] for g in out] == [["t1q0a", "t1q0b"], ["orig1a", "orig1b"], ["t2q2a", "t2q2b"]]
     assert out_rewards.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
@@ -247,9 +248,8 @@ def test_online_unscorable_attempt1_is_counted_apart_not_as_a_failure(monkeypatc
     verdicts = [Verdict(True, "ok"), rollout.UNSCORABLE, Verdict(False, "wrong"), rollout.UNSCORABLE]
     monkeypatch.setattr(rollout, "sample_attempts",
                         lambda *a, **k: [[rollout.Attempt(s, "t", v)] for v in verdicts])
-    cfg = compose(["task=countdown", "train.attempt1=online"])
-    attempts, stats = trainer.first_attempts(cfg, None, None, None, [None] * 4, [None] * 4,
-                                             {"attempt1": None}, 1)
+    ctx = trainer.Rollouts(None, None, None, None, {"attempt1": None}, seed=0, group_size=2)
+    attempts, stats = trainer.first_attempts(ctx, "online", [None] * 4, [None] * 4, 1)
     assert [a is not None for a in attempts] == [False, False, True, False]
     assert stats == {"attempt1_pass_rate": 0.5, "unscorable_attempt1": 2, "scored_attempt1": 2}
 
@@ -321,9 +321,9 @@ def test_reflection_leak_is_logged_and_no_reward_gives_leaks_zero(tmp_path, fail
     seen = {}
     real = trainer.group_scores
 
-    def spy(cfg, task, queries, groups):
-        out = real(cfg, task, queries, groups)
-        seen["leaks"], seen["rewards"] = leak.leak_flags(task, queries, groups), out
+    def spy(ctx, queries, groups):
+        out = real(ctx, queries, groups)
+        seen["leaks"], seen["rewards"] = leak.leak_flags(ctx.task, queries, groups), out
         return out
 
     monkeypatch.setattr(trainer, "group_scores", spy)

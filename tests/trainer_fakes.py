@@ -94,11 +94,13 @@ def install(monkeypatch, trainer_module, canary: bool = False) -> None:
     monkeypatch.setattr(trainer_module, "get_task", lambda name: ParityTask())
 
 
-def crash_in_step(monkeypatch, trainer, step: int):
+def crash_in_step(monkeypatch, step: int):
     """Make `trainer.run` raise RuntimeError("simulated crash") in `step` (after the checkpoint of step - 1),
     through the once-per-step `peak_rss_gb` call; returns the real `peak_rss_gb` to put back."""
+    from rrr import train_log
+
     calls = {"n": 0}
-    real = trainer.peak_rss_gb
+    real = train_log.peak_rss_gb
 
     def crash():
         calls["n"] += 1
@@ -106,7 +108,7 @@ def crash_in_step(monkeypatch, trainer, step: int):
             raise RuntimeError("simulated crash")
         return real()
 
-    monkeypatch.setattr(trainer, "peak_rss_gb", crash)
+    monkeypatch.setattr(train_log, "peak_rss_gb", crash)
     return real
 
 

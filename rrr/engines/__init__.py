@@ -20,7 +20,8 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     name = cfg.engine.name
     if name == "hf":
         return HFEngine(model, tokenizer, batch_size=int(cfg.engine.batch_size),
-                        prefix_cache_gb=float(cfg.engine.prefix_cache_gb))
+                        prefix_cache_gb=float(cfg.engine.prefix_cache_gb),
+                        merge_lora=bool(cfg.engine.get("merge_lora", True)))
     if name == "vllm":
         from rrr.engines.vllm import VLLMEngine, check_lora_sync
         from rrr.models import resolve_device, resolve_dtype, weights_source

@@ -14,13 +14,18 @@ Reward extend each other token for token (reflection prompt = attempt-1 prompt +
 retry prompt = reflection prompt + reflection + retry turn; the controls re-use the same heads), so a
 later prompt prefills only what its longest cached prefix lacks. On CPU, prefill of long tool prompts
 was most of an evaluation's time. The cache is emptied whenever the weights change (`load_weights`).
+
+With `merge_lora` (engine.merge_lora, the default) a LoRA policy samples from its adapters merged into
+the base weights, one matmul a layer instead of peft's three (rrr.engines.lora_merge): merged for the
+length of each `generate` call, the base weights untouched, so the update right after sees the very
+tensors it saw before.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -28,6 +33,7 @@ import torch
 
 from rrr import precision
 from rrr.engines.base import Sample, SamplingParams
+from rrr.engines.lora_merge import merged_lora
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 
@@ -159,8 +165,9 @@ class HFEngine:
     """Generation with the trainer's own model object (so `load_weights` is free)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, stop_ids: list[int] | None = None,
-                 prefix_cache_gb: float = 0.0):
+                 prefix_cache_gb: float = 0.0, merge_lora: bool = True):
         self.model = model
+        self.merge_lora = merge_lora
         self.prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30))
         self.batch_size = batch_size
         self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer)
@@ -181,7 +188,8 @@ class HFEngine:
         if len(seeds) != len(prompts) or any(len(s) != n for s in seeds):
             raise ValueError(f"seeds must be {len(prompts)} lists of {n} seeds")
         out: list[list[Sample]] = []
-        with eval_mode(self.model), torch.inference_mode(), precision.autocast(self.model):   # the trainer's numerics
+        merged = merged_lora(self.model) if self.merge_lora else nullcontext()
+        with eval_mode(self.model), merged, torch.inference_mode(), precision.autocast(self.model):   # the trainer's numerics
             for start in range(0, len(prompts), self.batch_size):
                 chunk = slice(start, start + self.batch_size)
                 out += self._generate_chunk(prompts[chunk], n, sampling, seeds[chunk])
