@@ -87,7 +87,7 @@ def test_tis_scales_each_tokens_gradient_by_min_of_policy_over_sampler_and_the_c
         lps = list(ep.sampler_logprobs)
         for k, t in enumerate(cols):
             offsets[i, t] = OFFSETS[k % len(OFFSETS)]
-            lps[t] = float(plain[i, t]) + OFFSETS[k % len(OFFSETS)]
+            lps[t] = float(plain[i, t].detach()) + OFFSETS[k % len(OFFSETS)]
         ep.sampler_logprobs = lps
     assert mask.sum() >= 8 and (offsets[mask] == -2.0).any()
 
