@@ -27,7 +27,7 @@ import torch
 from rrr import distributed as dist
 from rrr import fsdp
 from rrr.config import UserError
-from rrr.runs import atomic_dir
+from rrr.atomic import atomic_dir
 
 COMPLETE = "COMPLETE"
 STATE_JSON = "state.json"

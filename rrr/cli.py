@@ -13,7 +13,8 @@ import typer
 from rrr.config import ConfigError, UserError, compose, to_yaml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Reflect, Retry, Reward: collect failures, train reflections with GRPO, evaluate, benchmark, compare.")
+                  help="Reflect, Retry, Reward: collect failures, train reflections with GRPO, evaluate, "
+                       "check forgetting, compare.")
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. task=countdown model=smollm2-135m train.lr=1e-6")
@@ -49,7 +50,7 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
     except UserError as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
-        from rrr.runs import CURRENT_RUN
+        from rrr.run_dir import CURRENT_RUN
 
         typer.echo("", err=True)                   # off the progress bar's line
         if CURRENT_RUN is None:
@@ -78,10 +79,34 @@ def evaluate(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -
     _run("evaluate", overrides, cfg)
 
 
+@app.command("failure-eval", context_settings=EXTRA)
+def failure_eval(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """R reflections -> retries per held-out failure (eval.failures=RUN_DIR of collect-failures on the test split), with controls."""
+    _run("failure_eval", overrides, cfg)
+
+
 @app.command(context_settings=EXTRA)
+def forgetting(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
+    """The forgetting check: lm-eval-harness tasks (forgetting.tasks) on the model, adapter applied."""
+    _run("forgetting", overrides, cfg)
+
+
+@app.command(context_settings=EXTRA, hidden=True)
 def benchmark(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> None:
-    """The forgetting check: lm-eval-harness tasks (bench.tasks) on the model, adapter applied."""
-    _run("benchmark", overrides, cfg)
+    """The former name of `rrr forgetting` (its `bench.*` settings are `forgetting.*` now)."""
+    typer.echo("note: `rrr benchmark` is now `rrr forgetting` (bench.* settings are forgetting.*); running that",
+               err=True)
+    _run("forgetting", [_renamed_override(o) for o in overrides or []], cfg)
+
+
+def _renamed_override(override: str) -> str:
+    """`bench.limit=3` → `forgetting.limit=3` (also with +, ++ or ~ in front, and the group `bench=...`)."""
+    prefix = override[:len(override) - len(override.lstrip("+~"))]
+    rest = override[len(prefix):]
+    for old in ("bench.", "bench="):
+        if rest.startswith(old):
+            return prefix + "forgetting" + rest[len("bench"):]
+    return override
 
 
 @app.command(context_settings=EXTRA)
@@ -91,11 +116,11 @@ def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> 
 
 
 @app.command()
-def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or benchmark run directories"),
+def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or forgetting run directories"),
             out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md"),
             note: str = typer.Option("", "--note", help="a sentence printed and put at the top of report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""
-    from rrr.compare import run as compare_run
+    from rrr.report import run as compare_run
     try:
         compare_run([Path(r) for r in run_dirs], out, note=note)
     except UserError as e:

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = Path(os.environ.get("RRR_CONF", Path(__file__).resolve().parent.parent / "conf"))
-GROUPS = ("task", "model", "engine", "prompts", "collect", "train", "eval", "bench", "logger", "experiment")
+GROUPS = ("task", "model", "engine", "prompts", "collect", "train", "eval", "forgetting", "logger", "experiment")
 
 
 class UserError(RuntimeError):

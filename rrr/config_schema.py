@@ -44,7 +44,8 @@ class Attempt1(Choice):
 class ZeroStd(Choice):
     keep = "keep"
     skip = "skip"
-    resample = "resample"
+    resample = "resample"    # re-draw the same query's group
+    dynamic = "dynamic"      # draw further failed queries until the step holds its mixed groups (DAPO)
 
 
 class LrSchedule(Choice):
@@ -106,6 +107,7 @@ class TrainConfig:
     batch_queries: int = MISSING
     group_size: int = MISSING
     micro_batch_size: int = MISSING
+    shared_prefix: bool = MISSING
     lr: float = MISSING
     lr_schedule: LrSchedule = MISSING
     warmup_steps: int = MISSING
@@ -121,6 +123,9 @@ class TrainConfig:
     loss_agg: LossAgg = MISSING
     zero_std: ZeroStd = MISSING
     resample_tries: int = MISSING
+    max_draws: int = MISSING
+    overlong_buffer: int = MISSING
+    overlong_penalty: float = MISSING
     leak: Leak = MISSING
     min_pass_rate: float = MISSING
     max_pass_rate: float = MISSING

@@ -11,6 +11,10 @@ solved at attempt 1 or at attempt 2 after reflecting. In the same pass, on the s
 Seeds derive from (seed, step=0, example id, sample index, segment), so the same seed and example give the
 same attempt 1 in every evaluate run: vanilla and trained runs are paired example by example.
 
+Scores: `*_correct` is the lenient verdict (the reward: fenced or bare JSON calls count); for a task with
+a strict, leaderboard format (function calling: BFCL's `<tool_call>` blocks) `*_strict_correct` and the
+summary's `strict` block report that verdict beside it, never in its place.
+
 Several test sets (`eval.test_sets`, rrr/testsets.py): the same loop runs once per set, each set with its
 own task, prompts and examples; results.parquet gets a `test_set` column and summary.json a summary (with
 CIs) per set, so transfer to sources and tasks the model never trained on is visible.
@@ -35,12 +39,16 @@ from rrr import distributed as dist
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import reflection_leaks
-from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, claim_run_dir,
-                      done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_parts, sampling_params,
-                      throughput, update_manifest, write_part, write_run_files)
+from rrr.atomic import atomic_write_json, atomic_write_parquet
+from rrr.engines import build_generator
+from rrr.models import model_provenance
+from rrr.parts import chunks, done_ids, read_parts, write_part
+from rrr.provenance import examples_sha256
+from rrr.rollout import sampling_params, throughput
+from rrr.run_dir import RunDir
 from rrr.validate import check as check_settings
 from rrr.stats import bootstrap_ci, distinct_ngram_ratio
-from rrr.tasks import Example, get_task
+from rrr.tasks import Example, excluded_ids, get_task
 from rrr.testsets import TestSet
 from rrr.testsets import resolve as resolve_test_sets
 from rrr.verifiers import VERIFIER_VERSION
@@ -139,6 +147,29 @@ def control_columns(control: str, text: str, reason: str, correct: bool) -> dict
     return {f"{control}_text": text, f"{control}_reason": reason, f"{control}_correct": bool(correct)}
 
 
+def strict_columns(task: Any, example: Example, row: dict[str, Any], controls: Sequence[str]) -> dict[str, bool]:
+    """Leaderboard-format verdicts beside the lenient ones, for a task that has a strict format
+    (`task.verify_strict`; none for countdown): X_strict = attempt 1 strict-correct, or X's retry text
+    strict-correct. An attempt 1 that passed leniently got no retry, so its strict second try is its
+    strict first try: what the leaderboard would have scored."""
+    def ok(text: str) -> bool:
+        return bool(text) and bool(task.verify_strict(example, text).correct)
+
+    first = ok(row["attempt1_text"])
+    out = {"attempt1_strict_correct": first, "second_try_strict_correct": first or ok(row["attempt2_text"])}
+    for c in controls:
+        out[f"{c}_strict_correct"] = first or ok(row[f"{c}_text"])
+    return out
+
+
+def with_strict(task: Any, examples: Sequence[Example], rows: list[dict[str, Any]],
+                controls: Sequence[str]) -> list[dict[str, Any]]:
+    if hasattr(task, "verify_strict"):
+        for ex, row in zip(examples, rows):
+            row.update(strict_columns(task, ex, row, controls))
+    return rows
+
+
 def _reason(episode: Any, segment: str) -> str:
     return str(episode.reasons.get(segment, ""))
 
@@ -154,7 +185,7 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
     rows = [first_try_row(ex, a, controls) for ex, a in zip(examples, first)]
     failed = [i for i, a in enumerate(first) if not a.verdict.correct]
     if not failed:
-        return rows
+        return with_strict(task, examples, rows, controls)
     failed_examples, failed_samples = [examples[i] for i in failed], [first[i].sample for i in failed]
     failed_verdicts = [first[i].verdict for i in failed]
 
@@ -177,7 +208,7 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
             for i, (ep,) in zip(failed, episodes[REFLECTION_MODE[control]]):
                 rows[i].update(control_columns(control, ep.texts.get("attempt2", ""), _reason(ep, "attempt2"),
                                                ep.attempt2_correct))
-    return rows
+    return with_strict(task, examples, rows, controls)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -214,16 +245,26 @@ def summarize(df: pd.DataFrame, controls: Sequence[str], n_boot: int, seed: int)
     }
     for c in controls:
         summary[c] = accuracy(df[f"{c}_correct"], n_boot, seed)
+    # the leaderboard-format scores under their own keys, never in place of the lenient ones
+    strict = {"first_try": "attempt1_strict_correct", "second_try": "second_try_strict_correct",
+              **{c: f"{c}_strict_correct" for c in controls}}
+    if "attempt1_strict_correct" in df:
+        summary["strict"] = {k: accuracy(df[col], n_boot, seed) for k, col in strict.items()}
     summary["reflection"] = reflection_stats(df)
     return summary
 
 
 def format_table(summary: dict[str, Any], controls: Sequence[str]) -> str:
+    strict = summary.get("strict")
     lines = [f"{summary['task']} · {summary['model']} ({summary['label']}) · n={summary['n']}",
-             f"{'':22s}{'acc':>7s}   95% CI"]
+             f"{'':22s}{'acc':>7s}   95% CI" + ("           strict (leaderboard format)" if strict else "")]
     for key in ("first_try", "second_try", *controls):
         m = summary[key]
-        lines.append(f"{key.replace('_', ' '):22s}{m['acc']:7.3f}   [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]")
+        line = f"{key.replace('_', ' '):22s}{m['acc']:7.3f}   [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+        if strict:
+            s = strict[key]
+            line += f"   {s['acc']:7.3f}   [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
+        lines.append(line)
     r = summary["reflection"]
     if r["tokens_mean"] is not None:
         lines.append(f"reflections: {r['tokens_mean']:.1f} tokens mean (p50 {r['tokens_p50']:.0f}, "
@@ -258,7 +299,8 @@ def set_fingerprint(sets: Sequence[TestSet]) -> list[dict[str, Any]] | None:
 def set_manifest(ts: TestSet, examples: Sequence[Example], cfg: DictConfig) -> dict[str, Any]:
     return {"name": ts.name, "task": ts.task, "split": str(cfg.eval.split), "limit": ts.limit,
             "task_config": OmegaConf.to_container(ts.cfg.task, resolve=True),
-            "examples": len(examples), "examples_sha256": examples_sha256(examples)}
+            "examples": len(examples), "examples_sha256": examples_sha256(examples),
+            "excluded_examples": excluded_ids(get_task(ts.task), ts.cfg.task, str(cfg.eval.split))}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -274,28 +316,25 @@ def run(cfg: DictConfig) -> Path:
     sets = resolve_test_sets(cfg)
     examples_of = {ts.name: load_examples(ts, cfg) for ts in sets}
     everything = [e for ts in sets for e in examples_of[ts.name]]
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # rank 0 names it for all
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)                      # before reading its parts: one writer per run dir
     fp = fingerprint(cfg)
     if set_fingerprint(sets) is not None:
         fp["test_sets"] = set_fingerprint(sets)
-    check_resumable(run_dir, COMMAND, fp)
+    rundir = RunDir.open(cfg, COMMAND, fp)     # named by rank 0, locked before its parts are read
+    run_dir = rundir.path
     todo_of = {}
     for ts in sets:
         done = dist.from_main(lambda: done_ids(parts_dir(run_dir, ts), key="example_id"))   # every rank: same list
         todo_of[ts.name] = [e for e in examples_of[ts.name] if e.id not in done]
     engine, tokenizer = build_generator(cfg) if any(todo_of.values()) else (None, None)
     # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
-    claim_run_dir(run_dir)
+    rundir.claim()
     model_path = cfg.model.get("path")
     label = "trained" if model_path else "vanilla"
     single = len(sets) == 1
-    write_run_files(run_dir, cfg, COMMAND, extra={
-        "resume_fingerprint": fp,
+    rundir.write_run_files(cfg, extra={
         "task": cfg.task.name,
         "split": str(cfg.eval.split),
-        "model": model_info(cfg),
+        "model": model_provenance(cfg.model),
         "model_label": label,
         "train_run": train_run_of(model_path),
         "engine": OmegaConf.to_container(cfg.engine, resolve=True),
@@ -346,7 +385,7 @@ def run(cfg: DictConfig) -> Path:
     top = per_set[sets[0].name] if single else {"n": len(df)}
     summary = {**top, "task": cfg.task.name, **common, "test_sets": per_set}
     atomic_write_json(run_dir / "summary.json", summary)
-    update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish()
     for name, s in per_set.items():
         print(format_table({**s, **common, "task": s["task"] if single else f"{name} ({s['task']})"}, controls))
     print(f"results: {run_dir / 'results.parquet'}")

@@ -1,9 +1,16 @@
 """The failure set a run trains on: loading it, checking its stored prompts, and the seeded cursor that
-draws each step's failed queries (resumable: its state goes into every checkpoint)."""
+draws each step's failed queries (resumable: its state goes into every checkpoint).
+
+Dynamic sampling (`train.zero_std=dynamic`) draws with the cursor's per-query statistics instead of the
+epoch order: every group a query produced counts as a try, a group with reward variance as a mix, and
+a query is drawn with weight (mixes + 1) / (tries + 2), the posterior mean of its mixing rate under a
+uniform prior: a query that never mixes is drawn less and less, never excluded (its rate may change as
+the policy trains). The statistics and the draw counter are part of the cursor state, so a resumed run
+draws what the uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +36,15 @@ class FailureCursor:
     epoch: int = 0
     index: int = 0
     held_back: tuple[int, ...] = ()
+    tries: list[int] = field(default_factory=list)     # per query: groups drawn (dynamic sampling)
+    mixes: list[int] = field(default_factory=list)     # per query: of those, groups with reward variance
+    weighted_draws: int = 0                            # dynamic draws so far: names each draw's seed
+
+    def __post_init__(self):
+        self.tries = list(self.tries) or [0] * self.n
+        self.mixes = list(self.mixes) or [0] * self.n
+        if len(self.tries) != self.n or len(self.mixes) != self.n:
+            raise ValueError(f"cursor statistics cover {len(self.tries)}/{len(self.mixes)} queries, not {self.n}")
 
     def order(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng(derive_seed(self.seed, "data", epoch)).permutation(self.n)
@@ -49,14 +65,43 @@ class FailureCursor:
             self.index += take
         return out
 
+    # ------------------------------------------------------------ dynamic sampling
+
+    def weights(self) -> np.ndarray:
+        """[n] draw weights: the Beta(1, 1) posterior mean of each query's mixing rate."""
+        return (np.asarray(self.mixes, float) + 1) / (np.asarray(self.tries, float) + 2)
+
+    def draw_weighted(self, k: int, exclude: Sequence[int] = ()) -> list[int]:
+        """Up to k distinct queries not in `exclude`, drawn without replacement with `weights()`; the
+        draw's seed derives from (seed, draw counter), so the same state draws the same queries."""
+        allowed = np.ones(self.n, dtype=bool)
+        allowed[list(exclude)] = False
+        k = min(k, int(allowed.sum()))
+        self.weighted_draws += 1
+        if k <= 0:
+            return []
+        p = np.where(allowed, self.weights(), 0.0)
+        rng = np.random.default_rng(derive_seed(self.seed, "dynamic", self.weighted_draws))
+        return rng.choice(self.n, size=k, replace=False, p=p / p.sum()).tolist()
+
+    def record(self, index: int, mixed: bool) -> None:
+        self.tries[index] += 1
+        self.mixes[index] += int(bool(mixed))
+
+    # ------------------------------------------------------------ checkpoint state
+
     def state(self) -> dict[str, Any]:
         return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "index": self.index,
-                "held_back": list(self.held_back)}
+                "held_back": list(self.held_back), "tries": list(self.tries), "mixes": list(self.mixes),
+                "weighted_draws": self.weighted_draws}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "FailureCursor":
+        """The cursor a checkpoint saved (one saved before dynamic sampling existed has no statistics)."""
         held = tuple(int(i) for i in state.get("held_back", ()))
-        return cls(**{k: int(state[k]) for k in ("n", "seed", "epoch", "index")}, held_back=held)
+        return cls(**{k: int(state[k]) for k in ("n", "seed", "epoch", "index")}, held_back=held,
+                   tries=[int(x) for x in state.get("tries", ())], mixes=[int(x) for x in state.get("mixes", ())],
+                   weighted_draws=int(state.get("weighted_draws", 0)))
 
 
 def load_failure_set(run: str | None, min_pass: float, max_pass: float,

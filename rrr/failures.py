@@ -22,11 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
 from rrr.config import UserError
-from rrr.runs import (atomic_write_json, atomic_write_parquet, build_generator, check_resumable, chunks, claim_run_dir,
-                      data_sha256, done_ids, examples_sha256, lock_run_dir, model_info, plan_run_dir, read_manifest, read_parts,
-                      sampling_params, throughput, update_manifest, write_part, write_run_files)
+from rrr.atomic import atomic_write_json, atomic_write_parquet
+from rrr.engines import build_generator
+from rrr.models import model_provenance
+from rrr.parts import chunks, done_ids, read_parts, write_part
+from rrr.provenance import data_sha256, examples_sha256
+from rrr.rollout import sampling_params, throughput
+from rrr.run_dir import RunDir, read_manifest
 from rrr.validate import check as check_settings
-from rrr.tasks import Example, get_task
+from rrr.tasks import Example, excluded_ids, get_task
 from rrr.verifiers import VERIFIER_VERSION
 
 COMMAND = "collect-failures"
@@ -137,21 +141,16 @@ def run(cfg: DictConfig) -> Path:
     examples = task.load(cfg.task, cfg.data.split, cfg.data.limit, int(cfg.seed))
     if not examples:
         raise UserError(f"no {cfg.task.name} examples in split {cfg.data.split!r}; check data.split / data.limit")
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # rank 0 names it for all
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)                      # before reading its parts: one writer per run dir
-    fp = fingerprint(cfg)
-    check_resumable(run_dir, COMMAND, fp)
-    parts = run_dir / "parts"
+    rundir = RunDir.open(cfg, COMMAND, fingerprint(cfg))   # named by rank 0, locked before its parts are read
+    run_dir, parts = rundir.path, rundir.path / "parts"
     done = dist.from_main(lambda: done_ids(parts))     # every rank: the same work list
     todo = [e for e in examples if e.id not in done]
     engine, tokenizer = build_generator(cfg) if todo else (None, None)
     # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
-    claim_run_dir(run_dir)
-    write_run_files(run_dir, cfg, COMMAND, extra={
-        "resume_fingerprint": fp,
+    rundir.claim()
+    rundir.write_run_files(cfg, extra={
         "task": cfg.task.name,
-        "model": model_info(cfg),
+        "model": model_provenance(cfg.model),
         "engine": OmegaConf.to_container(cfg.engine, resolve=True),
         "sampling": sampling_params(cfg.collect).__dict__,
         "samples_per_query": int(cfg.collect.samples_per_query),
@@ -160,6 +159,7 @@ def run(cfg: DictConfig) -> Path:
         "verifier_version": VERIFIER_VERSION,
         "split": cfg.data.split,
         "examples": len(examples),
+        "excluded_examples": excluded_ids(task, cfg.task, cfg.data.split),
         "examples_sha256": examples_sha256(examples),
         "data_sha256": data_sha256(examples),
     })
@@ -189,7 +189,7 @@ def run(cfg: DictConfig) -> Path:
                          df[["id", "source", "n_samples", "n_correct", "pass_rate"]])
     summary = {**summarize(df), **tp, "wall_s": round(time.time() - t0, 2)}
     atomic_write_json(run_dir / "summary.json", summary)
-    update_manifest(run_dir, summary=summary, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish(summary=summary)
     print(format_summary(summary))
     print(f"failures: {run_dir / 'failures.parquet'}")
     return run_dir

@@ -5,7 +5,8 @@ utilities the same way):
 - `shard`: every decoder layer is its own FSDP unit, the root holds embeddings, final norm and LM head;
   gradients are summed over ranks, not averaged (the loss carries the global normaliser, as with ddp).
   `rrr.logprobs.masked_logprobs` runs the backbone and the LM head separately (never full-vocab logits),
-  so it is registered as an FSDP forward method of the root: the root's parameters are gathered for it.
+  so it is registered as an FSDP forward method of the root: the root's parameters are gathered for it
+  (and `rrr.shared_prefix.shared_masked_logprobs`, the same for train.shared_prefix=true).
 - `fresh_copy`: the frozen reference and the sampler's copy are loaded again from the model config (the
   same initial weights); the reference is sharded like the policy.
 - `GatheredEngine`: a sharded forward is a collective, and ranks generate different numbers of tokens, so
@@ -64,6 +65,8 @@ def shard(model, device_type: str | None = None):
             module.set_force_sum_reduction_for_comms(True)   # plain SUM (gloo has no PREMUL_SUM)
     model.rrr_masked_logprobs = types.MethodType(_masked_logprobs_method, model)
     register_fsdp_forward_method(model, "rrr_masked_logprobs")
+    model.rrr_shared_masked_logprobs = types.MethodType(_shared_masked_logprobs_method, model)
+    register_fsdp_forward_method(model, "rrr_shared_masked_logprobs")      # train.shared_prefix=true
     return model
 
 
@@ -71,6 +74,12 @@ def _masked_logprobs_method(self, *args, **kwargs):
     from rrr.logprobs import _masked_logprobs
 
     return _masked_logprobs(self, *args, **kwargs)
+
+
+def _shared_masked_logprobs_method(self, *args, **kwargs):
+    from rrr.shared_prefix import _shared_masked_logprobs
+
+    return _shared_masked_logprobs(self, *args, **kwargs)
 
 
 def fresh_copy(cfg):

@@ -210,3 +210,17 @@ def _on_mask(x: Tensor, mask: Tensor) -> Tensor:
 
 def _token_mean(x: Tensor, mask: Tensor) -> float:
     return (_on_mask(x.float(), mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+def overlong_penalty(lengths: Tensor, truncated: Tensor, max_tokens: int, buffer: int,
+                     factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment for reflections, [Q, G] -> [Q, G], subtracted from the reward:
+    0 up to `max_tokens - buffer` tokens, rising linearly to `factor` at the cap, and `factor` for a
+    truncated reflection. A truncated reflection has no loss of its own, but its lower reward still
+    lowers the group baseline, so shorter siblings gain; the ramp acts before the cap takes the gradient
+    away. `buffer = 0` turns it off."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    start = max_tokens - buffer
+    ramp = ((lengths.float() - start) / buffer).clamp(0.0, 1.0)                   # [Q, G]
+    return factor * torch.where(truncated, torch.ones_like(ramp), ramp)

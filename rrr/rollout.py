@@ -51,6 +51,12 @@ class RolloutStats:
         return sum(self.generated_tokens.values()) / secs if secs > 0 else 0.0
 
 
+def throughput(stats: RolloutStats) -> dict[str, float | int]:
+    """Generated tokens and tokens/s of this invocation (a resumed run counts only what it generated)."""
+    return {"generated_tokens": int(sum(stats.generated_tokens.values())),
+            "tokens_per_s": round(float(stats.tokens_per_second), 1)}
+
+
 def sampling_from_cfg(cfg_node: Mapping) -> dict[str, SamplingParams]:
     """{attempt1, reflection, attempt2: {max_tokens, temperature, top_p}} → SamplingParams per segment."""
     out = {}
@@ -63,6 +69,12 @@ def sampling_from_cfg(cfg_node: Mapping) -> dict[str, SamplingParams]:
                                       temperature=float(node.get("temperature", 1.0)),
                                       top_p=float(node.get("top_p", 1.0)))
     return out
+
+
+def sampling_params(node: Mapping) -> SamplingParams:
+    """One segment's {max_tokens, temperature, top_p} (collect.*, eval.sampling.<segment>) → SamplingParams."""
+    return SamplingParams(max_tokens=int(node.max_tokens), temperature=float(node.temperature),
+                          top_p=float(node.top_p))
 
 
 def prompt_ids(tokenizer, task, example: Example, prompts_cfg: Mapping) -> list[int]:

@@ -4,11 +4,17 @@ Accuracies are means of per-example 0/1 outcomes; their 95% CIs are percentile b
 examples. A difference between two runs on the *same* examples (trained − vanilla, 2nd try − best-of-2)
 is bootstrapped by resampling example indices jointly for both arrays, which keeps the per-example
 correlation and so gives a narrower, honest CI than two independent bootstraps.
+
+Failure evaluation (rrr.failure_eval): the unit is a failure (query, failed attempt 1) whose value is a
+fix rate (mean of R retries); several failures of one query are correlated, so CIs resample *queries*
+(clusters) and the standard error is the cluster-robust one. The minimum detectable effect at 80% power
+is (z_{1-α/2} + z_{power}) · SE of the paired difference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -75,3 +81,66 @@ def distinct_ngram_ratio(tokens: str | Sequence[int] | np.ndarray, n: int = 3) -
     seq = tokens.split() if isinstance(tokens, str) else [int(t) for t in tokens]
     grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+# ----------------------------------------------------------------------------- clustered (failure evaluation)
+
+def _cluster_sums(x: np.ndarray, clusters: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(per-cluster sum of x, per-cluster count), clusters in first-seen order."""
+    labels = np.asarray([str(c) for c in clusters])
+    if labels.shape != x.shape:
+        raise ValueError(f"clusters ({labels.size}) and values ({x.size}) differ in length")
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    sums, counts = np.bincount(inverse, weights=x), np.bincount(inverse).astype(float)
+    order = np.argsort(first)
+    return sums[order], counts[order]
+
+
+def cluster_bootstrap_mean(values: Sequence[float] | np.ndarray, clusters: Sequence, n_boot: int = 2000,
+                           alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean over all units and its percentile CI from resampling whole clusters
+    (a resample's mean = its units' sum / its units' count)."""
+    x = _as_outcomes(values)
+    sums, counts = _cluster_sums(x, clusters)
+    rng = np.random.default_rng(seed)
+    c = sums.size
+    rows = max(1, MAX_INDEX_CELLS // c)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        idx = rng.integers(0, c, size=(stop - start, c))       # [chunk, clusters]
+        means[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    return (float(x.mean()), *_percentile_interval(means, alpha))
+
+
+def paired_cluster_bootstrap_diff(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                                  clusters: Sequence, n_boot: int = 2000, alpha: float = 0.05,
+                                  seed: int = 0) -> tuple[float, float, float]:
+    """(diff, lo, hi) for mean(a) − mean(b), a[i] and b[i] on the same unit i, resampling clusters."""
+    x, y = _as_outcomes(a, "a"), _as_outcomes(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired arrays differ in length ({x.size} vs {y.size}): they must cover the same units")
+    return cluster_bootstrap_mean(x - y, clusters, n_boot, alpha, seed)
+
+
+def clustered_se(values: Sequence[float] | np.ndarray, clusters: Sequence) -> float:
+    """Cluster-robust standard error of the mean of `values` (CR1): with cluster sums S_c, counts N_c,
+    mean m and C clusters, SE² = C/(C−1) · Σ_c (S_c − m·N_c)² / (Σ_c N_c)². With one unit per cluster
+    it is the usual s/√n (s with ddof = 1). NaN with fewer than two clusters."""
+    x = _as_outcomes(values)
+    sums, counts = _cluster_sums(x, clusters)
+    c = sums.size
+    if c < 2:
+        return float("nan")
+    m = sums.sum() / counts.sum()
+    return float(np.sqrt(c / (c - 1) * np.sum((sums - m * counts) ** 2)) / counts.sum())
+
+
+def z_quantile(p: float) -> float:
+    return NormalDist().inv_cdf(p)
+
+
+def min_detectable_effect(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The true effect a two-sided level-α test detects with probability `power`, given the SE of the
+    estimate: (z_{1−α/2} + z_{power}) · SE (≈ 2.80 · SE at α = 0.05, 80% power)."""
+    return (z_quantile(1 - alpha / 2) + z_quantile(power)) * float(se)

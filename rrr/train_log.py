@@ -18,7 +18,8 @@ from rrr import grpo
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import leak_flags, leak_share
-from rrr.runs import atomic_write_parquet, update_manifest
+from rrr.atomic import atomic_write_parquet
+from rrr.run_dir import update_manifest
 from rrr.tasks import Example
 
 
@@ -38,7 +39,7 @@ def rollout_stats(groups: Sequence[Sequence[Any]], rewards: torch.Tensor) -> dic
 
 def step_metrics(step: int, task, queries, groups, rewards: torch.Tensor, advantages: torch.Tensor,
                  update: dict[str, float], zero_std: torch.Tensor, attempt1: dict[str, Any], verifier,
-                 *, lr: float, gen_s: float, sync_s: float, t0: float):
+                 *, lr: float, gen_s: float, sync_s: float, t0: float, draws: int = 1):
     """The step's metrics row over all ranks, and every rank's (queries, groups, rewards, advantages) in
     single-process order. All collectives of the row happen here, in the same order on every rank;
     `update` is already global (policy_update reduces its totals)."""
@@ -46,13 +47,16 @@ def step_metrics(step: int, task, queries, groups, rewards: torch.Tensor, advant
 
     queries, groups, rewards, advantages = gather_groups(queries, groups, rewards, advantages)
     frac_zero_std = zero_std.float().mean().item() if len(zero_std) else 0.0
-    row = {"step": step, **update, **rollout_stats(groups, rewards),
+    gen_max = dist.all_reduce_max(gen_s)
+    stats = rollout_stats(groups, rewards)
+    row = {"step": step, **update, **stats, "draws": draws,
+           "mixed_groups_per_gen_s": stats["mixed_groups"] / max(gen_max, 1e-9),
            "frac_zero_std": dist.mean(frac_zero_std, len(zero_std)),
            "reflection_leak": leak_share(leak_flags(task, queries, groups)),
            "attempt1_pass_rate": dist.mean(attempt1["attempt1_pass_rate"], attempt1["scored_attempt1"]),
            "unscorable_attempt1": int(dist.all_reduce_sum(float(attempt1["unscorable_attempt1"]))),
            "verifier_errors": int(dist.all_reduce_sum(float(verifier.unscorable))), "lr": lr,
-           "gen_tokens_per_s": generated_tokens(groups) / max(dist.all_reduce_max(gen_s), 1e-9),
+           "gen_tokens_per_s": generated_tokens(groups) / max(gen_max, 1e-9),
            "sync/logprob_diff": update["sampler_logp_diff"], "sync/load_s": dist.all_reduce_max(sync_s),
            "peak_rss_gb": dist.all_reduce_max(peak_rss_gb())}
     row["step_time_s"] = time.time() - t0
@@ -68,13 +72,17 @@ def generated_tokens(groups: Sequence[Sequence[Any]]) -> int:
 
 
 MAX_STATS = ("ratio_max", "is_ratio_max")
+# sums over micro-batches and ranks; `update/*`: tokens through the backbone per forward pass (the policy's;
+# the reference reads the same), and what the shared-prefix update did not send (0 with shared_prefix=false)
+SUM_STATS = ("loss", "policy_loss", "kl", "reflection_tokens", "update/backbone_tokens",
+             "update/prefix_tokens_saved", "update/prefix_fallback_episodes")
 
 
 def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
     """Sum what sums over micro-batches; weight token means by the micro-batch's reflection tokens."""
     n = stats["reflection_tokens"]
     for key, value in stats.items():
-        if key in ("loss", "policy_loss", "kl", "reflection_tokens"):
+        if key in SUM_STATS:
             totals[key] = totals.get(key, 0.0) + value
         elif key in MAX_STATS:
             totals[key] = max(totals.get(key, -math.inf), value)
@@ -86,7 +94,7 @@ def accumulate(totals: dict[str, float], stats: dict[str, float]) -> None:
 
 def finish_stats(totals: dict[str, float], grad_norm: float) -> dict[str, float]:
     n = max(totals.get("reflection_tokens", 0.0), 1.0)
-    out = {k: v / n if k not in ("loss", "policy_loss", "kl", "reflection_tokens", *MAX_STATS) else v
+    out = {k: v / n if k not in (*SUM_STATS, *MAX_STATS) else v
            for k, v in totals.items()}
     out["grad_norm"] = grad_norm
     return out
@@ -142,7 +150,8 @@ def ranks_note(run_dir: Path) -> str:
 def empty_update() -> dict[str, float]:
     return {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0,
             "clip_frac_low": 0.0, "clip_frac_high": 0.0, "reflection_tokens": 0, "entropy": 0.0,
-            "sampler_logp_diff": 0.0, "grad_norm": 0.0}
+            "sampler_logp_diff": 0.0, "grad_norm": 0.0, "update/backbone_tokens": 0, "update/prefix_tokens_saved": 0,
+            "update/prefix_fallback_episodes": 0}
 
 
 def sampler_abs_diff_sum(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> float:

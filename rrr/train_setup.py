@@ -15,10 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
-from rrr import fsdp, sync
+from rrr import fsdp, shared_prefix, sync
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
-from rrr.logprobs import masked_logprobs
 from rrr.tasks import Example
 from rrr.validate import check as check_settings, check_logger
 
@@ -35,6 +34,12 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"train.{key} must be >= 1")
     if not t.malloc_mmap_threshold_mb >= 0:
         raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
+    if t.zero_std == "dynamic" and t.max_draws < 1:
+        raise UserError(f"train.max_draws={t.max_draws}: dynamic sampling needs at least one draw a step (e.g. 4)")
+    buffer, cap = t.overlong_buffer, t.sampling.reflection.max_tokens
+    if not 0 <= buffer <= cap or t.overlong_penalty < 0:
+        raise UserError(f"train.overlong_buffer={buffer} must lie in [0, train.sampling.reflection.max_tokens="
+                        f"{cap}] and train.overlong_penalty={t.overlong_penalty} be >= 0 (0 buffer = off)")
     if t.group_size < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
     fsdp.check(cfg)
@@ -74,6 +79,8 @@ def build_policy(cfg: DictConfig):
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of model {cfg.model.name} has no pad token; set one in the model config")
+    if cfg.train.shared_prefix:
+        shared_prefix.check_model(model)     # an attention a 4D mask cannot express: refused before any step
     if cfg.train.parallel == "fsdp":
         model = fsdp.shard(model)
     return model, tokenizer
@@ -103,14 +110,15 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
     """π_ref log-probs on the loss positions: the policy the run starts from, frozen. For LoRA on a bare
     base model that is the policy with its adapters disabled (no copy); when the run starts from a
     trained adapter (`model.path` = a LoRA checkpoint) or fine-tunes fully, a frozen copy of the initial
-    model (the adapter merged in). None when β = 0: no reference is loaded or computed."""
+    model (the adapter merged in). None when β = 0: no reference is loaded or computed. Called with
+    segment_ids [B, T] it encodes each group's prefix once (`rrr.shared_prefix`), as the policy does."""
     if cfg.train.beta == 0:
         return None
     chunk = cfg.train.logprob_chunk_size
     if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):
-        def lora_reference(ids, attention_mask, mask, temperature=1.0):
+        def lora_reference(ids, attention_mask, mask, temperature=1.0, segment_ids=None):
             with torch.no_grad(), model.disable_adapter():
-                return masked_logprobs(model, ids, attention_mask, mask, chunk, temperature)[0]
+                return shared_prefix.update_logprobs(model, ids, attention_mask, mask, chunk, temperature, segment_ids)[0]
         return lora_reference
     if fsdp.is_sharded(model):                       # a sharded policy cannot be copied: load and shard again
         frozen = fsdp.shard(fsdp.fresh_copy(cfg).requires_grad_(False)).eval()
@@ -120,9 +128,9 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
             frozen = frozen.merge_and_unload()
         frozen = frozen.eval().requires_grad_(False)
 
-    def frozen_reference(ids, attention_mask, mask, temperature=1.0):
+    def frozen_reference(ids, attention_mask, mask, temperature=1.0, segment_ids=None):
         with torch.no_grad():
-            return masked_logprobs(frozen, ids, attention_mask, mask, chunk, temperature)[0]
+            return shared_prefix.update_logprobs(frozen, ids, attention_mask, mask, chunk, temperature, segment_ids)[0]
     return frozen_reference
 
 
@@ -161,9 +169,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.shared_prefix` (how the
+    same log-probs are computed, not which), `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     train.pop("save_every")
+    train.pop("shared_prefix", None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
@@ -171,7 +181,7 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
-    from rrr.runs import examples_sha256
+    from rrr.provenance import examples_sha256
     from rrr.models import model_provenance
 
     return {"resume_fingerprint": resume_fingerprint(cfg),

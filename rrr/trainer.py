@@ -5,7 +5,9 @@ One step of Reflect, Retry, Reward (paper §3; DESIGN.md "GRPO on reflections"):
      (stored in the failure set, or sampled online: a passing attempt 1 ends that episode);
   2. REFLECT: G = `train.group_size` reflections per failed attempt; RETRY: one attempt 2 per reflection;
   3. REWARD: r = verify(attempt 2) ∈ {0, 1} (unscorable = NaN); group-normalised advantages;
-     zero-variance groups are counted and kept, skipped or re-sampled (`train.zero_std`);
+     zero-variance groups are counted and kept, skipped, re-sampled, or replaced by further failed
+     queries until the step holds `batch_queries` mixed groups (`train.zero_std=dynamic`, DAPO);
+     an optional overlong penalty on reflections near the cap (`train.overlong_buffer`, DAPO);
   4. UPDATE: one on-policy PPO-clip step (ρ = 1 in value) with β·KL to the reference on reflection
      tokens only, gradient accumulation over micro-batches, grad clipping, AdamW, warm-up + schedule.
 The loop is `run()`; below it, the algorithm's pieces and `policy_update`. Plumbing lives beside it:
@@ -30,15 +32,15 @@ from omegaconf import DictConfig
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import fsdp, grpo, rollout, sync
+from rrr import fsdp, grpo, rollout, shared_prefix, sync
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, collate
 from rrr.failure_set import FailureCursor, check_stored_prompts, load_failure_set
 from rrr.leak import apply_leak_policy, leak_flags
-from rrr.logprobs import masked_logprobs, segment_temperatures
+from rrr.logprobs import segment_temperatures
 from rrr.rollout import sampling_from_cfg
-from rrr.runs import (MetricsWriter, check_resumable, claim_run_dir, lock_run_dir, plan_run_dir,
-                      update_manifest, write_run_files)
+from rrr.metrics_file import MetricsWriter
+from rrr.run_dir import RunDir
 from rrr.config import UserError
 from rrr.tasks import Example, get_task
 from rrr.train_log import (Logger, accumulate, build_logger, empty_update, finish_stats, main_print, progress,
@@ -70,10 +72,8 @@ class Rollouts:
 def run(cfg: DictConfig) -> Path:
     t = cfg.train
     validate(cfg)
-    run_dir = dist.from_main(lambda: plan_run_dir(cfg, COMMAND))   # not created yet; rank 0 names it for all
-    if run_dir.is_dir() and dist.is_main():
-        lock_run_dir(run_dir)                        # one writer per run dir: rank 0, the only one that writes
-    check_resumable(run_dir, COMMAND, resume_fingerprint(cfg))   # a resume with other settings is refused
+    rundir = RunDir.open(cfg, COMMAND, resume_fingerprint(cfg))   # named by rank 0, locked, other settings refused
+    run_dir = rundir.path
     examples, stored = load_failure_set(t.failures, t.min_pass_rate, t.max_pass_rate, cfg.task.name)
     if t.batch_queries > len(examples):
         raise UserError(f"train.batch_queries={t.batch_queries} > the {len(examples)} failed queries in "
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> Path:
                    t.group_size, t.leak)
     cursor = FailureCursor(n=len(examples), seed=int(cfg.seed))
     state = ckpt.load_latest_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-    claim_run_dir(run_dir)                           # inputs valid, model loaded: now the run dir is written
+    rundir.claim()                                   # inputs valid, model loaded: now the run dir is written
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     start, wandb_id = 0, None
     if state is not None:
@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> Path:
         engine.load_weights(model)                    # the sampler must see the restored weights
         main_print(f"resuming {run_dir} from {state.path.name} (step {start}){ranks_note(run_dir)}")
     else:
-        write_run_files(run_dir, cfg, COMMAND, extra=train_manifest(cfg, examples))
+        rundir.write_run_files(cfg, extra=train_manifest(cfg, examples))
     if dist.is_main():
         ckpt.remove_partial(run_dir)
         metrics.truncate_after(start)                 # rows of steps after the checkpoint are re-done
@@ -111,18 +111,23 @@ def run(cfg: DictConfig) -> Path:
     for step in range(start + 1, t.steps + 1):
         t0 = time.time()
         # ----------------------------------------------------------------- ALGO: reflect, retry, reward
-        batch = dist.shard(cursor.draw(t.batch_queries))   # this rank's share, in single-process order
-        queries, ctx = [examples[i] for i in batch], ctx.for_step()
-        attempts1, attempt1_stats = first_attempts(ctx, t.attempt1, queries, [stored[i] for i in batch], step)
-        failed = [i for i, a in enumerate(attempts1) if a is not None]     # online: a pass ends the episode
-        queries, attempts1 = [queries[i] for i in failed], [attempts1[i] for i in failed]
-        groups = reflect_retry(ctx, queries, attempts1, step)
-        rewards = group_scores(ctx, queries, groups)                            # [Q, G], NaN = unscorable
+        ctx = ctx.for_step()
+        if t.zero_std == "dynamic":       # draw further failed queries until batch_queries groups are mixed
+            queries, attempts1, groups, rewards, attempt1_stats, draws = dynamic_sampling(
+                ctx, cursor, examples, stored, t.attempt1, t.batch_queries, t.max_draws, step)
+        else:
+            batch = dist.shard(cursor.draw(t.batch_queries))   # this rank's share, in single-process order
+            queries, attempts1, groups, rewards, attempt1_stats = rollout_groups(
+                ctx, t.attempt1, [examples[i] for i in batch], [stored[i] for i in batch], step)
+            draws = 1
         zero_std = grpo.zero_std_groups(rewards)                                # [Q]
         if t.zero_std == "resample":
             groups, rewards = resample_zero_std(ctx, queries, attempts1, step, groups, rewards, t.resample_tries)
-        advantages = grpo.group_advantages(rewards, t.scale_rewards)           # [Q, G]
-        keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample") else \
+        # advantages from the reward minus the reflection-length penalty; "mixed" stays the verifier's
+        shaped = rewards - length_penalty(groups, ctx.group_size, t.sampling.reflection.max_tokens,
+                                          t.overlong_buffer, t.overlong_penalty)   # [Q, G]
+        advantages = grpo.group_advantages(shaped, t.scale_rewards)            # [Q, G]
+        keep = ~grpo.zero_std_groups(rewards) if t.zero_std in ("skip", "resample", "dynamic") else \
             torch.ones(len(groups), dtype=torch.bool)
         gen_s = time.time() - t0
 
@@ -137,7 +142,7 @@ def run(cfg: DictConfig) -> Path:
         # ----------------------------------------------------------------- logging and checkpoints
         row, (queries, groups, rewards, advantages) = step_metrics(
             step, task, queries, groups, rewards, advantages, update, zero_std, attempt1_stats, ctx.stats,
-            lr=lr, gen_s=gen_s, sync_s=sync_s, t0=t0)
+            lr=lr, gen_s=gen_s, sync_s=sync_s, t0=t0, draws=draws)
         if dist.is_main():
             metrics.write(row)
             logger(row)
@@ -150,8 +155,7 @@ def run(cfg: DictConfig) -> Path:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, t.steps, cursor, logger)
-    if dist.is_main():
-        update_manifest(run_dir, final_checkpoint=str(final), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish(final_checkpoint=str(final))        # rank 0 writes it
     main_print(f"final checkpoint: {final}\nevaluate it: rrr evaluate task={cfg.task.name} model={cfg.model.name} "
                f"model.path={final}")
     logger.finish()
@@ -183,6 +187,63 @@ def first_attempts(ctx: Rollouts, mode: str, queries: Sequence[Example], stored:
             for a in online], {"attempt1_pass_rate": float(np.mean(scored)) if scored else None,
                                "unscorable_attempt1": len(online) - len(scored),
                                "scored_attempt1": len(scored)}
+
+
+def rollout_groups(ctx: Rollouts, mode: str, queries: Sequence[Example], stored: Sequence[dict], step: int):
+    """Attempt 1, then G reflections → retries for the failed ones: (queries with a group, their attempts 1,
+    [Q][G] episodes, [Q, G] rewards (NaN = unscorable), attempt-1 statistics)."""
+    attempts1, attempt1_stats = first_attempts(ctx, mode, queries, stored, step)
+    failed = [i for i, a in enumerate(attempts1) if a is not None]           # online: a pass ends the episode
+    queries, attempts1 = [queries[i] for i in failed], [attempts1[i] for i in failed]
+    groups = reflect_retry(ctx, queries, attempts1, step)
+    return queries, attempts1, groups, group_scores(ctx, queries, groups), attempt1_stats
+
+
+def dynamic_sampling(ctx: Rollouts, cursor: FailureCursor, examples: Sequence[Example], stored: Sequence[dict],
+                     mode: str, want: int, max_draws: int, step: int):
+    """DAPO's dynamic sampling over failed queries: draw `want` queries (weighted by the cursor's per-query
+    mixing statistics), roll them out, keep drawing *other* queries for the groups still missing, until
+    `want` groups have reward variance or `max_draws` draws are spent. Every drawn group is returned
+    (the caller trains on the mixed ones); each query comes at most once a step, so its seeds stay
+    (seed, step, query). Every rank records every group, so the cursor stays the same on all ranks.
+    Returns (queries, attempts1, groups, rewards [Q, G], attempt-1 statistics, draws)."""
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    stats, taken, mixed_total, draws = [], [], 0, 0
+    while mixed_total < want and draws < max_draws:
+        picked = cursor.draw_weighted(want - mixed_total, exclude=taken)       # the same on every rank
+        draws += 1
+        if not picked:
+            break
+        taken += picked
+        mine = dist.shard(picked)
+        queries, attempts1, groups, rewards, attempt1_stats = rollout_groups(
+            ctx, mode, [examples[i] for i in mine], [stored[i] for i in mine], step)
+        mixed = dict(zip((q.id for q in queries), (~grpo.zero_std_groups(rewards)).tolist()))
+        for index, is_mixed in dist.gather([(i, mixed.get(examples[i].id, False)) for i in mine]):
+            cursor.record(index, is_mixed)     # an online pass has no group: a try that did not mix
+            mixed_total += int(is_mixed)
+        for acc, part in zip(out, (queries, attempts1, groups, [rewards])):
+            acc.extend(part)
+        stats.append(attempt1_stats)
+    rewards = torch.cat(out[3]) if out[3] else torch.zeros((0, ctx.group_size))
+    return out[0], out[1], out[2], rewards, merge_attempt1_stats(stats), draws
+
+
+def merge_attempt1_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Attempt-1 statistics of several draws: pass rate weighted by scored attempts, counts summed."""
+    scored = sum(p["scored_attempt1"] for p in parts)
+    passed = sum((p["attempt1_pass_rate"] or 0.0) * p["scored_attempt1"] for p in parts)
+    return {"attempt1_pass_rate": passed / scored if scored else None, "scored_attempt1": scored,
+            "unscorable_attempt1": sum(p["unscorable_attempt1"] for p in parts)}
+
+
+def length_penalty(groups: Sequence[Sequence[Episode]], group_size: int, max_tokens: int, buffer: int,
+                   factor: float) -> torch.Tensor:
+    """[Q, G] overlong penalty of each group's reflections (grpo.overlong_penalty; zeros when off)."""
+    lengths = torch.tensor([[ep.reflection_length for ep in g] for g in groups], dtype=torch.float32)
+    truncated = torch.tensor([[bool(ep.truncated.get("reflection", False)) for ep in g] for g in groups])
+    shape = (len(groups), group_size)
+    return grpo.overlong_penalty(lengths.reshape(shape), truncated.reshape(shape), max_tokens, buffer, factor)
 
 
 def stored_attempt(stored: dict, example: Example, seed: int, step: int) -> FailedAttempt:
@@ -275,7 +336,9 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
     normaliser = dist.all_reduce_sum(grpo.loss_normaliser(mask, t.loss_agg, max_reflection))
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
-    micro = torch.arange(len(episodes)).split(t.micro_batch_size) if episodes else ()
+    shared = t.shared_prefix                            # each group's prefix through the backbone once (exact)
+    micro = shared_prefix.update_micro_batches(batch["input_ids"], batch["attention_mask"], batch["segment_ids"],
+                                               t.micro_batch_size, shared)   # shared: whole groups
     for mb in fsdp.pad_micro_batches(model, micro):
         if mb is None:                                  # FSDP: this rank has fewer micro-batches than another
             fsdp.idle_step(model, reference, tokenizer.pad_token_id, t.logprob_chunk_size)
@@ -285,10 +348,11 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         # the retry's share of the update's compute.
         cols = mask[mb].any(0).nonzero()
         width = int(cols.max()) + 1 if len(cols) else 1
-        ids, attn, m, temp = (x[mb, :width].to(device)
-                              for x in (batch["input_ids"], batch["attention_mask"], mask, temps))
-        logp, entropy = masked_logprobs(model, ids, attn, m, t.logprob_chunk_size, temp)  # [b, T]
-        ref_logp = reference(ids, attn, m, temp) if reference is not None else None   # [b, T]
+        ids, attn, m, temp, segs = (x[mb, :width].to(device) for x in (batch["input_ids"], batch["attention_mask"],
+                                                                         mask, temps, batch["segment_ids"]))
+        segs = segs if shared else None                 # segment ids: where each group's prefix ends
+        logp, entropy = shared_prefix.update_logprobs(model, ids, attn, m, t.logprob_chunk_size, temp, segs)  # [b, T]
+        ref_logp = reference(ids, attn, m, temp, segs) if reference is not None else None   # [b, T]
         sampler_logp = batch["old_logprobs"][mb, :width].to(device)                       # [b, T]
         tis = t.is_correction == "token_tis"          # truncated IS for the sampler ≠ trainer gap
         loss, stats = grpo.grpo_loss(logp, None, ref_logp, advantages[mb].to(device), m,
@@ -300,6 +364,8 @@ def policy_update(cfg: DictConfig, model, reference: Callable[..., torch.Tensor]
         loss.backward()
         stats["loss"] = loss.item()
         stats["sampler_logp_diff"] = sampler_abs_diff_sum(logp.detach().cpu(), sampler_logp.cpu(), m.cpu())
+        stats.update(shared_prefix.update_token_stats(*(x[mb, :width] for x in (batch["input_ids"], batch["attention_mask"],
+                                                                                 mask, batch["segment_ids"])), shared))
         if tis:
             stats.update(grpo.tis_stats(logp, sampler_logp, m, t.is_cap))
         accumulate(totals, stats)

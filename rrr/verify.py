@@ -18,7 +18,9 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from rrr.config import UserError
-from rrr.runs import atomic_write_json, atomic_write_text, new_run_dir, sha256_file, write_run_files
+from rrr.atomic import atomic_write_json, atomic_write_text
+from rrr.provenance import sha256_file
+from rrr.run_dir import RunDir
 from rrr.verifiers import Verdict, countdown, function_calling
 
 MAX_REPORTED = 20   # malformed lines printed one by one; the rest are summarised
@@ -101,8 +103,9 @@ def run(cfg: DictConfig) -> Path:
     rows = list(verdict_rows(task, path))
     summary = summarize(task, rows)
 
-    run_dir = new_run_dir(cfg, "verify")
-    write_run_files(run_dir, cfg, "verify", extra={"input": str(path.resolve()), "input_sha256": sha256_file(path)})
+    rundir = RunDir.plan(cfg, "verify")
+    run_dir = rundir.claim()
+    rundir.write_run_files(cfg, extra={"input": str(path.resolve()), "input_sha256": sha256_file(path)})
     atomic_write_text(run_dir / "verdicts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(run_dir / "summary.json", summary)
 

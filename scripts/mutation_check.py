@@ -19,6 +19,7 @@ CORE = "tests/test_trainer_core.py"
 CANARY = "tests/test_sync_canary.py"
 WIRING = "tests/test_rl_wiring.py"
 DIST_FAST = "tests/test_distributed.py::test_one_step_with_an_empty_share_and_with_fsdp_idle_steps_gives_the_single_process_step"
+SHARED = "tests/test_shared_prefix.py"
 WIRING_12 = [  # (name, file, original, mutant, tests)
     ("KL sign flipped", "rrr/grpo.py", "return pg_loss + beta * kl_loss, stats", "return pg_loss - beta * kl_loss, stats",
      [CORE + "::test_loss_is_policy_loss_plus_beta_times_kl"]),
@@ -40,10 +41,10 @@ WIRING_12 = [  # (name, file, original, mutant, tests)
     ("resample writes the wrong group", "rrr/trainer.py", "groups[q], rewards[q] = fresh[j], fresh_rewards[j]",
      "groups[j], rewards[j] = fresh[j], fresh_rewards[j]", [CORE + "::test_resample_replaces_only_zero_std_groups_with_their_own_first_varied_draw"]),
     ("epoch wrap repeats a query", "rrr/failure_set.py", "self.epoch + 1, 0, tuple(out)", "self.epoch + 1, 0, ()",
-     [CORE + "::test_seed_2_n_3_batch_2_no_longer_draws_the_same_query_twice"]),
+     ["tests/test_failure_set.py::test_seed_2_n_3_batch_2_no_longer_draws_the_same_query_twice"]),
     ("reference = bare base from an adapter", "rrr/train_setup.py",
      'if cfg.train.finetune == "lora" and not starts_from_adapter(cfg):', 'if cfg.train.finetune == "lora":',
-     [CORE + "::test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen"]),
+     ["tests/test_train_setup.py::test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen"]),
     ("unscorable attempt 1 counted as a failure", "rrr/trainer.py",
      "scored = [bool(a.verdict.correct) for a in online if a.verdict is not rollout.UNSCORABLE]",
      "scored = [bool(a.verdict.correct) for a in online]",
@@ -52,6 +53,13 @@ WIRING_12 = [  # (name, file, original, mutant, tests)
      "        if False:", [CORE + "::test_stored_prompt_ids_that_differ_from_the_rebuilt_prompt_are_refused"]),
     ("no_reward ignored", "rrr/leak.py", "return torch.where(leaks & ~rewards.isnan(), torch.zeros_like(rewards), rewards)",
      "return rewards", [CORE + "::test_leak_policy_zeroes_leaking_rewards_only_under_no_reward"]),
+    ("shared prefix: suffix position ids off by one", "rrr/shared_prefix.py", "torch.arange(p, p + s), j + 1",
+     "torch.arange(p + 1, p + s + 1), j + 1", [SHARED + "::test_shared_prefix_equals_per_episode_logprobs_loss_and_gradients",
+                                              SHARED + "::test_pack_restarts_suffix_positions_at_p_and_isolates_suffixes"]),
+    ("shared prefix: a suffix attends another suffix", "rrr/shared_prefix.py",
+     "((owner[:, None, :] == 0) | (owner[:, None, :] == owner[:, :, None]))",
+     "((owner[:, None, :] >= 0) | (owner[:, None, :] == owner[:, :, None]))",
+     [SHARED + "::test_shared_prefix_equals_per_episode_logprobs_loss_and_gradients"]),
 ]
 CANARY_22 = [
     ("NaN canary passes", "rrr/sync.py", "    if not math.isfinite(diff):", "    if False:", [CANARY]),
@@ -77,8 +85,8 @@ RESAMPLE_22 = [
     ("leak policy not applied to re-draws", "rrr/trainer.py", "fresh_rewards = group_scores(ctx, redo_queries, fresh)",
      "fresh_rewards = group_rewards(fresh, ctx.group_size)", [WIRING]),
     ("leak check reads the retry", "rrr/leak.py", 'ep.texts.get("reflection")', 'ep.texts.get("attempt2")', [WIRING]),
-    ("zero-std groups trained after re-draws", "rrr/trainer.py", 'if t.zero_std in ("skip", "resample") else',
-     'if t.zero_std == "skip" else', [WIRING]),
+    ("zero-std groups trained after re-draws", "rrr/trainer.py", 'if t.zero_std in ("skip", "resample", "dynamic") else',
+     'if t.zero_std in ("skip", "dynamic") else', [WIRING]),
     ("re-draw with the first draw's seed", "rrr/trainer.py", 'seed=derive_seed(ctx.seed, "resample", attempt)',
      "seed=ctx.seed", [WIRING]),
     ("every re-draw with one seed", "rrr/trainer.py", 'seed=derive_seed(ctx.seed, "resample", attempt)',
@@ -99,9 +107,9 @@ DISTRIBUTED_22 = [
 ADAPTER_22 = [
     ("full fine-tune from an adapter trains the adapter", "rrr/train_setup.py",
      "        model = merge_adapter(model)                 # model.path = an adapter", "        pass  #",
-     [CORE + "::test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight"]),
+     ["tests/test_train_setup.py::test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight"]),
     ("FSDP's fresh copy keeps the adapter", "rrr/fsdp.py", "return merge_adapter(load_for_training(cfg.model, cfg.train.finetune, for_training=False)[0])",
-     "return load_for_training(cfg.model, cfg.train.finetune, for_training=False)[0]", [CORE + "::test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight"]),
+     "return load_for_training(cfg.model, cfg.train.finetune, for_training=False)[0]", ["tests/test_train_setup.py::test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight"]),
 ]
 AREAS = {"wiring": WIRING_12, "adapter": ADAPTER_22, "canary": CANARY_22, "tis": TIS_22, "resample": RESAMPLE_22,
          "distributed": DISTRIBUTED_22}

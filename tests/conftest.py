@@ -27,7 +27,7 @@ def smol_tokenizer():
 @pytest.fixture
 def failures(tmp_path, smol_tokenizer):
     """A small Countdown failure set (trainer_fakes.write_failures) in this test's tmp dir."""
-    import trainer_fakes
+    from fakes import trainer as trainer_fakes
 
     return trainer_fakes.write_failures(tmp_path / "failures", smol_tokenizer)
 

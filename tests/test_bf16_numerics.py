@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import trainer
 from rrr.config import UserError, compose
 from rrr.sync import MAX_LOGPROB_DIFF, logprob_diff_limit

@@ -4,7 +4,6 @@ start leaves nothing that refuses the corrected command. Tiny-random model, tiny
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr.cli import app
 
 torch.set_num_threads(1)
@@ -239,26 +238,6 @@ def test_a_run_dir_in_use_is_refused_naming_the_holder_and_a_stale_lock_is_taken
     assert "taking over the stale lock" in result.output
 
 
-def test_two_processes_cannot_hold_one_run_dir(tmp_path):
-    from rrr.config import UserError
-    from rrr.runs import lock_run_dir, unlock_run_dir
-
-    (tmp_path / "r").mkdir()
-    code = (f"from pathlib import Path; from rrr.runs import lock_run_dir; lock_run_dir(Path({str(tmp_path / 'r')!r}));"
-            "print('locked', flush=True); import time; time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError, match=f"PID {proc.pid}"):
-            lock_run_dir(tmp_path / "r")
-    finally:
-        proc.kill()
-        proc.wait()
-    lock_run_dir(tmp_path / "r")                              # dead holder: taken over
-    assert json.loads((tmp_path / "r" / ".lock").read_text())["pid"] == os.getpid()
-    unlock_run_dir(tmp_path / "r")
-    assert not (tmp_path / "r" / ".lock").exists()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -283,3 +262,22 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, fa
     assert "from step_00001 (step 1)" in out.out
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_ctrl_c_names_the_run_dir_on_its_own_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import rrr.evaluate
+    from rrr import run_dir
+    from rrr.cli import app
+
+    def interrupted(cfg):
+        monkeypatch.setattr(run_dir, "CURRENT_RUN", tmp_path / "run")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rrr.evaluate, "run", interrupted)
+    result = CliRunner().invoke(app, ["evaluate"])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "" and lines[1].startswith("error: interrupted")         # not glued to a progress bar
+    assert lines[2] == f"  run_dir={tmp_path / 'run'}"                           # the path, on its own line

@@ -86,7 +86,7 @@ def test_the_train_schema_is_the_one_source_of_choices_and_types():
     cfg = compose(["train.finetune=full", "train.lr=1", "train.steps=3"])
     assert cfg.train.finetune == "full" and f"{cfg.train.finetune}" == "full"
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.steps, int)
-    with pytest.raises(ConfigError, match=r"^train.zero_std='often'; valid choices: keep, skip, resample$"):
+    with pytest.raises(ConfigError, match=r"^train.zero_std='often'; valid choices: keep, skip, resample, dynamic$"):
         compose(["train.zero_std=often"])
     with pytest.raises(ConfigError, match=r"train.micro_batch_size='two' has type str, but .* expects int"):
         compose(["train.micro_batch_size=two"])

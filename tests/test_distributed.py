@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dist_workers
-import trainer_fakes
+from fakes import dist_workers
+from fakes import trainer as trainer_fakes
 from rrr import distributed, trainer
 from rrr.checkpoint import latest_checkpoint
-from rrr.runs import unlock_run_dir
+from rrr.run_lock import unlock_run_dir
 from rrr.config import compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
 # max |w_1 − w_2| after 4 steps, fp32: only the order of float sums differs (micro-batches and the
 # all-reduce), and Adam's m/√v turns a rounding difference in a near-zero gradient entry into a visible
 # update difference; measured 8e-6 at lr 0.01, where steps 3-4 alone move weights by ~1e-2.
@@ -155,6 +155,28 @@ def test_a_rank_with_an_empty_share_still_joins_every_collective(tmp_path, failu
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_on_two_ranks_gives_the_single_process_run(tmp_path, failures):
+    """train.zero_std=dynamic: each draw is sharded, the mixed flags gathered, so every rank's cursor
+    statistics (and so the next draw) stay the single process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("train.zero_std=dynamic", "train.max_draws=3", "train.batch_queries=2")
+    with pytest.MonkeyPatch.context() as mp:
+        trainer_fakes.install(mp, trainer)
+        trainer.run(compose(train_overrides(failures, one, *extra)))
+    dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, two, *extra))
+    # the same draws, groups and rewards step by step (the losses differ only in the order of float sums,
+    # which 1 vs 2 groups per rank changes: measured 1e-5 relative in step 4's KL)
+    keys = ("draws", "groups", "mixed_groups", "episodes", "reward_mean")
+    assert [[r[k] for k in keys] for r in rows(one)] == [[r[k] for k in keys] for r in rows(two)]
+    assert any(r["draws"] > 1 for r in rows(one))                      # a step drew further queries
+    for name in ("step_00002.parquet", "step_00004.parquet"):
+        ea, eb = (pd.read_parquet(r / "episodes" / name) for r in (one, two))
+        pd.testing.assert_frame_equal(ea.drop(columns="advantage"), eb.drop(columns="advantage"))
+    cursors = [json.loads((r / "checkpoints" / "final" / "state.json").read_text())["cursor"] for r in (one, two)]
+    assert cursors[0] == cursors[1] and sum(cursors[0]["tries"]) == sum(r["groups"] for r in rows(one))
+
+
+@pytest.mark.slow
 def test_resume_on_another_rank_count_gives_the_straight_run(tmp_path, failures, straight, monkeypatch, capfd):
     """One process crashes in step 3 (checkpoint step 2); two ranks resume it and end where the
     uninterrupted single-process run ends, saying in one line that the rank count changed."""
@@ -274,9 +296,10 @@ def test_sigkill_of_one_rank_under_torchrun_then_resume_gives_the_single_process
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RRR_DIST_TIMEOUT_S": "120",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent),  # rrr, fakes
+                                          os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-            str(dist_workers.free_port()), str(Path(__file__).parent / "dist_cli.py"), "train",
+            str(dist_workers.free_port()), str(Path(__file__).parent / "fakes" / "dist_cli.py"), "train",
             *train_overrides(failures, run, "train.save_every=1")]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 600

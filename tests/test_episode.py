@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from episode_fakes import PROMPTS, qwen_style_tokenizer  # noqa: F401  (fixture)
+from fakes.episode import PROMPTS, qwen_style_tokenizer  # noqa: F401  (fixture)
 from rrr.config import UserError
 from rrr.engines.base import Sample
 from rrr.episode import (Episode, Segment, Tokens, assemble, collate, feedback_text, prompt_text,

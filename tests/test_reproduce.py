@@ -130,3 +130,10 @@ def test_gpus_knob_plans_torchrun_data_parallel_and_vllm_tensor_parallel():
     assert all(s.argv[0] == "rrr" and not any("parallel" in a for a in s.args) for s in single)
     assert "needs >= 4 GPUs" in reproduce.format_plan(single)
     assert [reproduce.Hardware().tensor_parallel(m) for m in ("qwen2.5-1.5b", "qwen2-7b", "qwen2.5-72b")] == [1, 1, 4]
+
+
+def test_train_token_estimate_bounds_dynamic_sampling_by_max_draws():
+    base = ["train.steps=2", "train.batch_queries=3", "train.group_size=4"]
+    keep, _ = reproduce.train_tokens(compose(base))
+    dynamic, how = reproduce.train_tokens(compose([*base, "train.zero_std=dynamic", "train.max_draws=3"]))
+    assert dynamic == 3 * keep and "× 3 for dynamic sampling" in how

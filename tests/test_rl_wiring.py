@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import trainer
 from rrr.config import compose
 from rrr.episode import Segment

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from episode_fakes import PROMPTS, SAMPLING, FakeEngine, FakeTask, example, qwen_style_tokenizer  # noqa: F401
+from fakes.episode import PROMPTS, SAMPLING, FakeEngine, FakeTask, example, qwen_style_tokenizer  # noqa: F401
 from rrr.config import UserError
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Segment, render_ids, user_turn_delta

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import sync, trainer
 from rrr.config import UserError, compose
 from rrr.episode import Segment

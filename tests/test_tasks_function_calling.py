@@ -68,12 +68,54 @@ def test_bfcl_system_messages_are_kept() -> None:
     assert system["content"].startswith(with_system[0].fields["system"])
 
 
+# Entries whose gold answer contradicts their own function doc (no output can pass them).
+GOLD_FAILS = {"live_simple": ["live_simple_106-63-0", "live_simple_112-68-0"],
+              "live_multiple": ["live_multiple_507-149-4", "live_multiple_862-181-3", "live_multiple_964-207-0"]}
+
+
 def test_bfcl_splits_are_the_configured_categories() -> None:
     train = fc.load(task_cfg(), "train", None, seed=0)
     test = fc.load(task_cfg(), "test", None, seed=0)
-    assert Counter(x.fields["category"] for x in train) == {c: n for c, n in BFCL_COUNTS.items() if c.startswith("live_")}
-    assert Counter(x.fields["category"] for x in test) == {c: n for c, n in BFCL_COUNTS.items() if not c.startswith("live_")}
+    kept = {c: n - len(GOLD_FAILS.get(c, [])) for c, n in BFCL_COUNTS.items()}
+    assert Counter(x.fields["category"] for x in train) == {c: n for c, n in kept.items() if c.startswith("live_")}
+    assert Counter(x.fields["category"] for x in test) == {c: n for c, n in kept.items() if not c.startswith("live_")}
     assert {x.id for x in train}.isdisjoint({x.id for x in test})
+
+
+@pytest.mark.parametrize("category", fc.BFCL_CATEGORIES)
+def test_gold_answers_that_fail_the_verifier_are_found(category: str) -> None:
+    assert list(fc.gold_failures(category)) == GOLD_FAILS.get(category, [])
+
+
+def test_gold_failures_are_excluded_reported_and_listed(capsys) -> None:
+    fc._REPORTED.clear()
+    train = fc.load(task_cfg(), "train", None, seed=0)
+    bad = sorted(i for ids in GOLD_FAILS.values() for i in ids)
+    assert not {x.id for x in train} & set(bad)
+    err = capsys.readouterr().err
+    assert "excluded 5 examples" in err and all(i in err for i in bad)
+    fc.load(task_cfg(), "train", 10, seed=0)
+    assert "excluded" not in capsys.readouterr().err            # reported once per process
+    assert fc.excluded(task_cfg(), "train") == bad
+    assert fc.excluded(task_cfg(), "test") == []
+    assert fc.excluded(xlam_cfg(FIXTURE), "train") == []
+
+
+def test_gold_completion_is_leaderboard_format_and_fails_where_the_doc_disagrees() -> None:
+    ok = fc.load_bfcl_category("live_simple")[0]
+    text = fc.gold_completion(ok)
+    assert text.startswith("<tool_call>\n{") and text.endswith("}\n</tool_call>\n")
+    assert fc.verify_strict(ok, text).correct and fc.gold_passes(ok)
+    bad = next(x for x in fc.load_bfcl_category("live_simple") if x.id == "live_simple_106-63-0")
+    assert not fc.gold_passes(bad)
+    assert fc.verify(bad, fc.gold_completion(bad)).reason.startswith("missing_required")
+
+
+def test_strict_verify_is_the_leaderboard_reading() -> None:
+    x = fc.load_bfcl_category("simple_python")[0]
+    fenced = "```json\n" + bfcl_gold_completion(x.fields["ground_truth"]) + "\n```"
+    assert fc.verify(x, fenced).correct and not fc.verify_strict(x, fenced).correct
+    assert fc.verify_strict(x, fc.gold_completion(x)).correct
 
 
 def test_limit_is_a_seeded_mixed_sample() -> None:

@@ -1,5 +1,7 @@
 """`rrr train` on tiny-random: parameters move, resume replays the straight run bit for bit, a SIGKILL
-leaves only complete checkpoints, and the data cursor / LR schedule / failure filter behave."""
+leaves only complete checkpoints, and the update's pieces behave (micro-batches, sampling temperature,
+token TIS, the sync canary). The data cursor and failure filter: test_failure_set.py; the LR schedule:
+test_train_setup.py."""
 
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer_fakes
-from rrr import train_log, train_setup, trainer
+from fakes import trainer as trainer_fakes
+from rrr import train_log, trainer
 from rrr.checkpoint import COMPLETE, latest_checkpoint
 from rrr.config import UserError, compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
 
 
 def rollouts(cfg, engine, tokenizer, task=None) -> trainer.Rollouts:
@@ -177,36 +179,6 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, failures,
             assert torch.allclose(g, f, atol=1e-6, rtol=1e-4)
 
 
-def test_cursor_is_an_epoch_aware_permutation_that_resumes_exactly():
-    cursor = trainer.FailureCursor(n=5, seed=3)
-    draws = [cursor.draw(3) for _ in range(4)]                    # 12 draws over 3 epochs
-    flat = sum(draws, [])
-    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
-    assert flat[:5] != flat[5:10]                                 # a fresh permutation per epoch
-    replay = trainer.FailureCursor(n=5, seed=3)
-    replay.draw(3), replay.draw(3)
-    resumed = trainer.FailureCursor.from_state(json.loads(json.dumps(replay.state())))
-    assert [resumed.draw(3), resumed.draw(3)] == draws[2:]
-
-
-def test_lr_schedule_warms_up_then_decays():
-    cosine = train_setup.lr_lambda(warmup=2, total=10, schedule="cosine")
-    assert [cosine(0), cosine(1), cosine(2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert cosine(6) == pytest.approx(0.5) and 0 < cosine(9) < cosine(8)
-    assert train_setup.lr_lambda(0, 10, "constant")(9) == 1.0
-
-
-def test_failure_set_filter_and_errors(tmp_path, failures):
-    examples, stored = trainer.load_failure_set(str(failures), 0.1, 0.5)
-    assert [e.id for e in examples] == ["cd1", "cd2"] and len(stored[0]["token_ids"]) == 2
-    with pytest.raises(UserError, match="train.failures is not set"):
-        trainer.load_failure_set(None, 0.0, 1.0)
-    with pytest.raises(UserError, match="no failed queries"):
-        trainer.load_failure_set(str(failures), 0.9, 1.0)
-    with pytest.raises(UserError, match="no failures.parquet"):
-        trainer.load_failure_set(str(tmp_path), 0.0, 1.0)
-
-
 def test_stored_attempt_pick_is_deterministic_and_covers_all(failures):
     examples, stored = trainer.load_failure_set(str(failures), 0.0, 1.0)
     picks = {trainer.stored_attempt(stored[0], examples[0], 0, step).verdict.reason for step in range(20)}
@@ -222,14 +194,6 @@ def test_zero_std_skip_drops_groups_from_the_loss(tmp_path, failures, monkeypatc
     (row,) = rows(run)
     assert row["frac_zero_std"] == 1 and row["reward_mean"] == 1 and row["reflection_tokens"] == 0
     assert row["mixed_groups"] == 0 and row["groups"] >= 1 and row["grad_norm"] == 0
-
-
-def test_rollout_stats_counts_mixed_groups_after_resampling():
-    """mixed_groups = groups whose scorable rewards vary: the only ones a GRPO update learns from."""
-    nan = float("nan")
-    rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [nan, 1.0, 0.0], [nan, nan, 1.0]])
-    stats = train_log.rollout_stats([[] for _ in range(5)], rewards)
-    assert stats["mixed_groups"] == 2 and stats["groups"] == 5
 
 
 @pytest.mark.slow
@@ -257,14 +221,6 @@ def test_sigkill_mid_step_resumes_and_leaves_only_complete_checkpoints(tmp_path,
     assert {p.name for p in ckpts} >= {"step_00006", "final"} and len(ckpts) == len(list((run / "checkpoints").iterdir()))
     for p in ckpts:
         assert (p / COMPLETE).exists() and load_file(str(p / "adapter_model.safetensors")), p
-
-
-def test_malloc_mmap_threshold_is_set_on_glibc_and_off_at_zero():
-    import platform
-
-    assert train_setup.malloc_mmap_threshold(0) is False
-    if platform.libc_ver()[0] == "glibc":
-        assert train_setup.malloc_mmap_threshold(4 << 20) is True
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.3])

@@ -1,7 +1,8 @@
 """The trainer's RL wiring, one test per way it can silently go wrong (issue #12, item 2): β·KL in the
 loss, each advantage paired with its own episode, unscorable = NaN and out of the loss, the resampled
-group kept, no query twice in a step, the reference = the starting policy, unscorable counts logged,
-stored prompts that no longer match refused, and reflections that leak the answer."""
+group kept, a batch larger than the failure set refused, unscorable counts logged, stored prompts that
+no longer match refused, and reflections that leak the answer. (No query twice in a step:
+test_failure_set.py; the reference = the starting policy: test_train_setup.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import grpo, leak, rollout, trainer
 from rrr.config import UserError, compose
 from rrr.engines.base import Sample
@@ -139,106 +140,11 @@ def test_resample_replaces_only_zero_std_groups_with_their_own_first_varied_draw
 
 
 # ----------------------------------------------------------------------------- the data cursor
-
-@pytest.mark.parametrize("n,k,seed", [(3, 2, 2), (5, 3, 0), (7, 4, 1), (4, 4, 3), (2, 1, 0)])
-def test_no_query_twice_in_one_step_and_each_epoch_a_permutation(n, k, seed):
-    cursor = trainer.FailureCursor(n=n, seed=seed)
-    draws = [cursor.draw(k) for _ in range(4 * n)]
-    assert all(len(set(d)) == k for d in draws), draws
-    flat = sum(draws, [])
-    for e in range(len(flat) // n):
-        assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
-    replay = trainer.FailureCursor(n=n, seed=seed)                 # resume from any step's state
-    for i in range(len(draws) - 1):
-        resumed = trainer.FailureCursor.from_state(json.loads(json.dumps(replay.state())))
-        assert resumed.draw(k) == draws[i]
-        replay.draw(k)
-
-
-def test_seed_2_n_3_batch_2_no_longer_draws_the_same_query_twice():
-    cursor = trainer.FailureCursor(n=3, seed=2)
-    assert all(len(set(cursor.draw(2))) == 2 for _ in range(10))
-
+# (the cursor itself: tests/test_failure_set.py)
 
 def test_batch_larger_than_the_failure_set_is_refused(tmp_path, failures):
     with pytest.raises(UserError, match="batch_queries=4 > the 3 failed queries"):
         trainer.run(config(failures, tmp_path / "run", "train.batch_queries=4"))
-
-
-# ----------------------------------------------------------------------------- reference from an adapter
-
-def saved_adapter(path: Path) -> Path:
-    """A trained-looking LoRA adapter of tiny-random (lora_B ≠ 0), saved to `path`."""
-    from peft import get_peft_model, LoraConfig
-
-    from rrr.models import load_model
-
-    base, _ = load_model(compose(["model=tiny-random", "model.device=cpu"]).model)
-    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    peft.save_pretrained(path)
-    return path
-
-
-def test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen(tmp_path):
-    from rrr.logprobs import masked_logprobs
-
-    saved_adapter(tmp_path / "adapter")
-    cfg = compose(["task=countdown", "model=tiny-random", "model.device=cpu", f"model.path={tmp_path / 'adapter'}",
-                   "train.beta=0.1", "train.gradient_checkpointing=false"])
-    model, tokenizer = trainer.build_policy(cfg)
-    reference = trainer.build_reference(cfg, model)
-    ids = torch.tensor([tokenizer("hello there, how are you", add_special_tokens=False)["input_ids"]])
-    attn, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
-    mask[:, 0] = False
-    with torch.no_grad():
-        start = masked_logprobs(model, ids, attn, mask, 64)[0]
-        with model.disable_adapter():
-            bare = masked_logprobs(model, ids, attn, mask, 64)[0]
-    ref = reference(ids, attn, mask)
-    assert torch.allclose(ref, start, atol=1e-5) and not torch.allclose(ref, bare, atol=1e-3)
-    with torch.no_grad():                                            # training moves the policy, not π_ref
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(1.0)
-    assert torch.allclose(reference(ids, attn, mask), ref, atol=1e-6)
-
-
-def test_full_fine_tune_from_an_adapter_merges_it_and_trains_every_weight(tmp_path):
-    """train.finetune=full with model.path = an adapter: the policy is base + adapter merged (same outputs
-    as the adapter model), every base weight trainable and no adapter left; the reference and FSDP's
-    fresh copy are that merged model too (same parameter names, so a weight sync cannot silently miss)."""
-    from rrr import fsdp
-    from rrr.logprobs import masked_logprobs
-    from rrr.models import load_model
-
-    path = saved_adapter(tmp_path / "adapter")
-    cfg = compose(["task=countdown", "model=tiny-random", "model.device=cpu", f"model.path={path}",
-                   "train.finetune=full", "train.beta=0.1", "train.gradient_checkpointing=false"])
-    model, tokenizer = trainer.build_policy(cfg)
-    base, _ = load_model(compose(["model=tiny-random", "model.device=cpu"]).model)
-    adapter_model, _ = load_model(cfg.model)                          # the adapter on its base, unmerged
-    names = {n for n, _ in model.named_parameters()}
-    assert names == {n for n, _ in base.named_parameters()} and not any("lora" in n for n in names)
-    assert all(p.requires_grad for p in model.parameters()) and model.training
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trained == sum(p.numel() for p in base.parameters())       # millions on a real model, not the adapter's few
-    ids = torch.tensor([tokenizer("hello there, how are you", add_special_tokens=False)["input_ids"]])
-    attn, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
-    mask[:, 0] = False
-    model.eval()
-    with torch.no_grad():
-        merged = masked_logprobs(model, ids, attn, mask, 64)[0]
-        want = masked_logprobs(adapter_model, ids, attn, mask, 64)[0]
-        bare = masked_logprobs(base, ids, attn, mask, 64)[0]
-    assert torch.allclose(merged, want, atol=1e-5) and not torch.allclose(merged, bare, atol=1e-3)
-    assert torch.allclose(trainer.build_reference(cfg, model)(ids, attn, mask), want, atol=1e-5)
-    fresh = fsdp.fresh_copy(cfg)
-    assert {n for n, _ in fresh.named_parameters()} == names
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
 # ----------------------------------------------------------------------------- unscorable counts

@@ -13,8 +13,9 @@ from collections import defaultdict
 import pytest
 
 from rrr.verifiers import Verdict
-from rrr.verifiers.function_calling import (MAX_CALLS, parse_calls, standardize_string, verify,
-                                            verify_bfcl)
+from rrr.verifiers import function_calling as fc
+from rrr.verifiers.function_calling import (MAX_CALLS, parse_calls, parse_calls_strict, standardize_string,
+                                            verify, verify_bfcl)
 
 F1 = {"name": "f", "arguments": {"a": 1}}
 G2 = {"name": "g", "arguments": {"b": "x"}}
@@ -266,6 +267,7 @@ def b(**args) -> str:
     b(prefs={"bed": "King"}),             # dict: a subset of keys when the rest may be omitted
     b(prefs={"bed": "king", "floor": 3}),
     b(rooms=[{"bed": "king"}, {"bed": "Twin"}]),
+    b(rooms=[]),                          # ... and so does a list of dicts: one rule for every list
     b(note=""),                           # BFCL quirk: the literal "" matches the optional marker
     b(note="Quiet"),
 ])
@@ -291,6 +293,7 @@ def test_bfcl_accepts(completion):
     (b(prefs={"bed": "king", "view": "sea"}), "value_error"),  # dict key not in the gold
     (b(prefs={"floor": 3}), "value_error"),          # dict key that may not be omitted
     (b(rooms=[{"bed": "twin"}, {"bed": "king"}]), "value_error"),
+    (b(rooms=[{"bed": "king"}]), "value_error"),      # one dict short
     (b(note="loud"), "value_error"),
 ])
 def test_bfcl_rejects(completion, code):
@@ -496,3 +499,90 @@ def test_random_garbage_always_gives_a_verdict():
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60)))
         for v in (verify(text, [F1]), verify_bfcl(text, [{"f": {"a": [1]}}], [DOC_F])):
             assert isinstance(v, Verdict) and isinstance(v.correct, bool) and v.reason
+
+
+# ---------------------------------------------------------------- one empty-list rule, as BFCL's checkers
+
+GT_REQ = [{"book": {"city": ["NYC"], "nights": [2], "rooms": [[{"bed": ["king"]}]], "dates": [["2024-01-01"]]}}]
+
+
+@pytest.mark.parametrize("param", ["rooms", "dates"])
+def test_empty_list_needs_the_optional_marker_for_every_list_type(param):
+    assert verify_bfcl(b(**{param: []}), GT, [DOC]).correct                  # "" among the alternatives
+    v = verify_bfcl(b(**{param: []}), GT_REQ, [DOC])                         # no "" : [] is a wrong value
+    assert not v.correct and v.reason.startswith("value_error"), v.reason
+
+
+@pytest.mark.parametrize("gt", [GT, GT_REQ], ids=["optional", "required"])
+@pytest.mark.parametrize("param", ["rooms", "dates"])
+def test_empty_list_verdict_matches_the_reference_checker(bfcl_checker, gt, param):
+    call = {"name": "book", "arguments": {"city": "NYC", "nights": 2, param: []}}
+    ours = verify_bfcl(calls_json(call), gt, [DOC]).correct
+    assert ours == bfcl_checker([DOC], [{"book": call["arguments"]}], gt, "simple_python")
+
+
+# ---------------------------------------------------------------- strict (leaderboard) format
+
+@pytest.mark.parametrize("completion, calls", [
+    (tool_call(F1), [F1]),
+    (f"Sure.\n{tool_call(F1)}\n{tool_call(G2)} done", [F1, G2]),           # text around blocks is ignored
+    (f"{tool_call(F1)}\n<tool_call>\n{{not json}}\n</tool_call>", [F1]),   # BFCL drops a block it cannot decode
+    (f"<tool_call>{json.dumps(F1)}</tool_call>", []),                        # no newlines: BFCL's regex misses it
+    (f"```json\n{calls_json(F1)}\n```", []),                                # fenced JSON is not a tool call
+    (calls_json(F1), []),                                                    # nor is bare JSON
+])
+def test_strict_parse_reads_what_bfcls_qwen_handler_reads(completion, calls):
+    assert parse_calls_strict(completion) == calls
+
+
+@pytest.mark.parametrize("completion", [
+    f"<tool_call>\n{calls_json(F1)}\n</tool_call>",                       # an array in one block
+    f"<tool_call>\n{json.dumps({'name': 'f', 'arguments': json.dumps({'a': 1})})}\n</tool_call>",  # string args
+    f"<tool_call>\n{json.dumps({'arguments': {'a': 1}})}\n</tool_call>",   # no name
+])
+def test_strict_parse_refuses_what_bfcl_cannot_decode(completion):
+    assert parse_calls_strict(completion) is None
+
+
+def test_strict_parse_caps_the_number_of_calls():
+    assert parse_calls_strict(tool_call(F1) * 3, max_calls=2) is None
+    assert parse_calls_strict(tool_call(F1) * 2, max_calls=2) == [F1, F1]
+
+
+@pytest.mark.parametrize("check", [
+    lambda text, strict: verify(text, [F1], strict=strict),
+    lambda text, strict: verify_bfcl(text, [{"f": {"a": [1]}}], [DOC_F], strict=strict),
+], ids=["xlam", "bfcl"])
+def test_strict_verdict_beside_the_lenient_one(check):
+    for text in (tool_call(F1), f"Calling f.\n{tool_call(F1)}"):
+        assert check(text, False).correct and check(text, True).correct
+    for text in (f"```json\n{calls_json(F1)}\n```", calls_json(F1), f"<tool_call>{json.dumps(F1)}</tool_call>"):
+        lenient, strict = check(text, False), check(text, True)
+        assert lenient.correct and not strict.correct, (text, strict.reason)
+    unparsable = check(f"<tool_call>\n{calls_json(F1)}\n</tool_call>", True)
+    assert not unparsable.correct and unparsable.reason.startswith("unparsable: strict")
+
+
+# ----------------------------------------------------------------------------- call cap (from test_harden_misc)
+
+def calls(n: int) -> list[dict]:
+    return [{"name": f"f{i}", "arguments": {"x": i}} for i in range(n)]
+
+
+def test_a_correct_answer_with_more_calls_than_the_old_cap_is_correct():
+    gold = calls(fc.MAX_CALLS + 44)                                   # 300 calls
+    text = "".join(f"<tool_call>{json.dumps(c)}</tool_call>" for c in gold)
+    assert fc.verify(text, gold).correct
+    bfcl_gold = [{c["name"]: {"x": [c["arguments"]["x"]]}} for c in gold]
+    docs = [{"name": c["name"], "parameters": {"properties": {"x": {"type": "integer"}}, "required": ["x"]}}
+            for c in gold]
+    assert fc.verify_bfcl(json.dumps(gold), bfcl_gold, docs).correct
+    assert fc.call_cap(1) == fc.MAX_CALLS and fc.call_cap(300) == 600
+
+
+def test_a_flood_of_calls_stays_bounded_and_cheap():
+    flood = "<tool_call>" + json.dumps(calls(1)[0]) + "</tool_call>"
+    text = flood * 50_000
+    t0 = time.perf_counter()
+    verdict = fc.verify(text, calls(1))
+    assert verdict.reason == "unparsable" and time.perf_counter() - t0 < 1.0

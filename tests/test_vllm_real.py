@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-import trainer_fakes  # noqa: E402
+from fakes import trainer as trainer_fakes  # noqa: E402
 from rrr import trainer  # noqa: E402
 from rrr.config import UserError, compose  # noqa: E402
 from rrr.engines import SamplingParams, build_engine  # noqa: E402
@@ -46,7 +46,6 @@ def vllm_engine(request, policy):
 @pytest.fixture
 def shared(monkeypatch, vllm_engine):
     """Every command's engine is the module's LLM, first given that command's model weights."""
-    import rrr.runs
 
     def reuse(cfg, model, tok):
         vllm_engine.load_weights(model)
@@ -58,7 +57,7 @@ def shared(monkeypatch, vllm_engine):
         model, tok = load_model(cfg.model)
         return reuse(cfg, model, tok), tok
 
-    for module in (rrr.runs, __import__("rrr.failures").failures, __import__("rrr.evaluate").evaluate):
+    for module in (__import__("rrr.failures").failures, __import__("rrr.evaluate").evaluate):
         if hasattr(module, "build_generator"):
             monkeypatch.setattr(module, "build_generator", generator)
     monkeypatch.setattr(trainer, "build_engine", reuse)

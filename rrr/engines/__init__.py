@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from rrr.config import UserError
 from rrr.engines.base import Engine, Sample, SamplingParams, derive_seed
 
-__all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "derive_seed"]
+__all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "build_generator", "derive_seed"]
 
 
 def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
@@ -43,6 +43,15 @@ def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
             engine.load_weights(model)
         return engine
     raise UserError(f"engine={name!r} is not one of hf, vllm")
+
+
+def build_generator(cfg: DictConfig) -> tuple[Engine, object]:
+    """(engine, tokenizer) for a command that only samples (collect-failures, evaluate): the model of
+    cfg.model behind the engine of cfg.engine; tests replace this with a fake."""
+    from rrr.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    return build_engine(cfg, model, tokenizer), tokenizer
 
 
 def vllm_parallel(cfg: DictConfig) -> dict:

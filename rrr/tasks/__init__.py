@@ -37,6 +37,13 @@ class Example:
                    fields=json.loads(f) if isinstance(f, str) else dict(f))
 
 
+def excluded_ids(task: Any, task_cfg: Any, split: str) -> list[str]:
+    """Example ids a task leaves out of `split` (e.g. BFCL entries whose gold fails the verifier), for
+    run manifests; a task without the hook excludes nothing."""
+    hook = getattr(task, "excluded", None)
+    return list(hook(task_cfg, split)) if hook else []
+
+
 def get_task(name: str) -> ModuleType:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")

@@ -9,6 +9,7 @@ Sources (`task.source`):
 - `bfcl`: BFCL v4 single-turn categories read offline from the installed `bfcl-eval` wheel. They are
   benchmark data: the `train` split is `task.bfcl.train_categories` (live_* by default) and the `test`
   split `task.bfcl.test_categories` (the non-live ones), disjoint sources, so no hash split is needed.
+  Entries whose gold answer fails the verifier itself are left out, with their ids printed (`excluded`).
 
 Fields: query (str), tools (list of tool specs, as the source gives them), grader ("xlam" | "bfcl"),
 then answers (xLAM gold: list of {name, arguments}) or ground_truth (BFCL: list of
@@ -18,6 +19,8 @@ then answers (xLAM gold: list of {name, arguments}) or ground_truth (BFCL: list 
 from __future__ import annotations
 
 import json
+import sys
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -139,14 +142,88 @@ def load_bfcl_category(category: str) -> list[Example]:
     return [bfcl_example(q, answers[q["id"]], category) for q in questions]
 
 
-def _load_bfcl(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Example]:
+def _bfcl_categories(task_cfg: Any, split: str) -> list[str]:
     train, test = list(task_cfg.bfcl.train_categories), list(task_cfg.bfcl.test_categories)
     shared = sorted(set(train) & set(test))
     if shared:
         raise UserError(f"BFCL categories {shared} are in both task.bfcl.train_categories and test_categories; "
                         "keep the two lists disjoint")
-    examples = [ex for cat in (test if split == "test" else train) for ex in load_bfcl_category(cat)]
+    return test if split == "test" else train
+
+
+def _load_bfcl(task_cfg: Any, split: str, limit: int | None, seed: int) -> list[Example]:
+    cats = _bfcl_categories(task_cfg, split)
+    bad = {i for cat in cats for i in gold_failures(cat)}
+    examples = [ex for cat in cats for ex in load_bfcl_category(cat) if ex.id not in bad]
+    if bad:
+        _report_once(f"BFCL {split} ({', '.join(cats)}): excluded {len(bad)} examples whose gold answer fails "
+                     f"the verifier itself: {', '.join(sorted(bad))}")
     return sample(examples, lambda ex: ex.id, limit, seed)
+
+
+# ---- gold answers the verifier rejects -----------------------------------------------------------------
+# A few BFCL entries contradict their own function docs (e.g. a param the doc requires is optional in the
+# gold): no output can pass them, so their reward is always 0. They are excluded from both splits and
+# listed in the run manifest (`excluded`).
+
+def _pick(options: Any, omit_optional: bool) -> tuple[bool, Any]:
+    """(present, value): the first non-"" alternative, or absent where "" allows it (and we omit)."""
+    options = options if isinstance(options, list) else [options]
+    values = [o for o in options if o != ""]
+    if not values or ("" in options and omit_optional):
+        return False, None
+    return True, values[0]
+
+
+def _concrete(value: Any, omit_optional: bool) -> Any:
+    """A model-style value of one gold alternative: BFCL dicts (one level) hold alternatives per key."""
+    def one(d: dict) -> dict:
+        return {k: v for k, (present, v) in ((k, _pick(o, omit_optional)) for k, o in d.items()) if present}
+    if isinstance(value, dict):
+        return one(value)
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [one(v) for v in value]
+    return value
+
+
+def gold_completion(example: Example, omit_optional: bool = True) -> str:
+    """The gold answer as a leaderboard-format completion: one `<tool_call>` block per call, each
+    parameter its first alternative, optional ones left out (`omit_optional`) or filled in."""
+    f = example.fields
+    if f["grader"] == "bfcl":
+        calls = [{"name": name, "arguments": {p: _concrete(v, omit_optional) for p, (present, v) in
+                                              ((p, _pick(alts, omit_optional)) for p, alts in args.items()) if present}}
+                 for call in f["ground_truth"] for name, args in call.items()]
+    else:
+        calls = f["answers"]
+    return "".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>\n" for c in calls)
+
+
+def gold_passes(example: Example) -> bool:
+    """Does some gold completion (optional params left out, or all filled in) pass the strict verifier?"""
+    return any(verify_strict(example, gold_completion(example, omit)).correct for omit in (True, False))
+
+
+@lru_cache(maxsize=None)
+def gold_failures(category: str) -> tuple[str, ...]:
+    """Ids of the BFCL examples of `category` whose gold answer fails the verifier."""
+    return tuple(ex.id for ex in load_bfcl_category(category) if not gold_passes(ex))
+
+
+def excluded(task_cfg: Any, split: str) -> list[str]:
+    """The example ids of `split` left out because their gold fails the verifier (for the manifest)."""
+    if str(task_cfg.source) != "bfcl":
+        return []
+    return sorted(i for cat in _bfcl_categories(task_cfg, split) for i in gold_failures(cat))
+
+
+_REPORTED: set[str] = set()
+
+
+def _report_once(message: str) -> None:
+    if message not in _REPORTED:
+        _REPORTED.add(message)
+        print(message, file=sys.stderr)
 
 
 # ---- task interface ------------------------------------------------------------------------------------
@@ -177,13 +254,19 @@ def messages(example: Example, prompts_cfg: Any) -> list[dict]:
             {"role": "user", "content": str(prompts_cfg.user).format(query=f["query"])}]
 
 
-def verify(example: Example, completion: str):
+def verify(example: Example, completion: str, *, strict: bool = False):
     from rrr.verifiers import function_calling as fc
 
     f = example.fields
     if f["grader"] == "bfcl":
-        return fc.verify_bfcl(completion, f["ground_truth"], f["tools"])
-    return fc.verify(completion, f["answers"], f["tools"])
+        return fc.verify_bfcl(completion, f["ground_truth"], f["tools"], strict=strict)
+    return fc.verify(completion, f["answers"], f["tools"], strict=strict)
+
+
+def verify_strict(example: Example, completion: str):
+    """The leaderboard-format verdict (BFCL's Qwen pipeline reads `<tool_call>\\n…\\n</tool_call>` only);
+    evaluations report it beside `verify`, the lenient reward."""
+    return verify(example, completion, strict=True)
 
 
 def answer_in(example: Example, text: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-VERIFIER_VERSION = "1"
+VERIFIER_VERSION = "2"   # 2: BFCL list-of-dicts accepts [] for an optional param, as plain lists do
 
 
 @dataclass(frozen=True)

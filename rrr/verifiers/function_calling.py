@@ -5,7 +5,9 @@ Reading calls from a completion (`parse_calls`). The first form present wins, in
   2. fenced code blocks (```json or a bare ```): the last one; it holds an array or one call object.
   3. otherwise the last JSON value in the text that looks like calls (an object with "name", or a
      non-empty array of such objects), with or without prose around it.
-`[]` (alone, in a block or in a fence) parses to no calls. Each call needs a string `name` and an object
+`[]` (alone, in a block or in a fence) parses to no calls. This lenient reading is rrr's reward; the
+strict one (`parse_calls_strict`, `strict=True`) is what BFCL's leaderboard pipeline accepts from a Qwen
+model and is reported beside it in evaluations. Each call needs a string `name` and an object
 `arguments` (or a JSON string encoding one); other keys are ignored. Anything else, or a form that does not hold valid calls, is
 unparsable (None), which both verifiers grade as incorrect.
 
@@ -188,6 +190,36 @@ def parse_calls(completion: str, max_calls: int = MAX_CALLS) -> list[dict] | Non
     return _last_json_calls(completion, max_calls)
 
 
+# BFCL's handler for Qwen-family FC models (bfcl_eval/model_handler/local_inference/qwen_fc.py,
+# `_extract_tool_calls`): only `<tool_call>\n…\n</tool_call>` blocks count, a block that is not JSON is
+# dropped, and each decoded block must be one {"name", "arguments": object} call.
+_STRICT_BLOCK = re.compile(r"<tool_call>\n(.*?)\n</tool_call>", re.S)
+
+
+def parse_calls_strict(completion: str, max_calls: int = MAX_CALLS) -> list[dict] | None:
+    """Calls read as BFCL's leaderboard pipeline reads a Qwen model's output, or None where it would
+    fail to decode (a block that is not one call object; more than `max_calls` blocks)."""
+    calls = []
+    for block in _STRICT_BLOCK.findall(completion):
+        ok, value = _loads(block)
+        if not ok:
+            continue                       # BFCL: `except Exception: pass`
+        if len(calls) == max_calls or not isinstance(value, dict) or not isinstance(value.get("name"), str) \
+                or not isinstance(value.get("arguments"), dict):
+            return None
+        calls.append({"name": value["name"], "arguments": value["arguments"]})
+    return calls
+
+
+def _parse(completion: str, n_gold: int, strict: bool) -> list[dict] | None:
+    return (parse_calls_strict if strict else parse_calls)(completion, call_cap(n_gold))
+
+
+def _unparsable(strict: bool) -> Verdict:
+    return Verdict(False, "unparsable: strict format wants <tool_call>\\n{call}\\n</tool_call> blocks"
+                   if strict else "unparsable")
+
+
 def _as_list(x: Any) -> list:
     """Gold answers and tools may come as JSON strings (as in the xLAM file)."""
     return json.loads(x) if isinstance(x, str) else list(x or [])
@@ -251,12 +283,14 @@ def call_key(call: dict, defaults: dict[str, dict[str, Any]]) -> tuple:
     return call["name"], args
 
 
-def verify(completion: str, answers: list[dict] | str, tools: list[dict] | str | None = None) -> Verdict:
-    """xLAM verdict: the predicted calls equal the gold calls as a multiset; never raises on model text."""
+def verify(completion: str, answers: list[dict] | str, tools: list[dict] | str | None = None, *,
+           strict: bool = False) -> Verdict:
+    """xLAM verdict: the predicted calls equal the gold calls as a multiset; never raises on model text.
+    `strict`: read the calls as BFCL's leaderboard pipeline does (`parse_calls_strict`)."""
     gold = _gold_calls(answers)
-    pred = parse_calls(completion, call_cap(len(gold)))
+    pred = _parse(completion, len(gold), strict)
     if pred is None:
-        return Verdict(False, "unparsable")
+        return _unparsable(strict)
     if len(pred) != len(gold):
         return Verdict(False, f"wrong_count: got {len(pred)} calls, want {len(gold)}", pred)
     defaults = tool_defaults(_as_list(tools) if tools is not None else None)
@@ -324,16 +358,24 @@ def _dict_ok(value: dict, alts: list) -> bool:
     return False
 
 
+def _empty_list_optional(value: list, alts: list) -> bool:
+    """One rule for every list type: the optional marker "" also accepts an empty list, as in BFCL
+    (its list_checker compares [] with "" element-wise, its list_dict_checker compares len("") == 0)."""
+    return value == [] and "" in alts
+
+
 def _list_ok(value: list, alts: list) -> bool:
-    """BFCL `list_checker`: ordered, string elements standardised, others compared with ==. As in BFCL,
-    the optional marker "" also accepts an empty list."""
+    """BFCL `list_checker`: ordered, string elements standardised, others compared with ==."""
     std_value = [_std(v) for v in value]
-    return any(std_value == [_std(a) for a in (alt or [])] for alt in alts if isinstance(alt, list) or alt == "")
+    return _empty_list_optional(value, alts) or any(
+        std_value == [_std(a) for a in alt] for alt in alts if isinstance(alt, list))
 
 
 def _list_of_dicts_ok(value: list, alts: list) -> bool:
-    return any(isinstance(alt, list) and len(alt) == len(value)
-               and all(isinstance(v, dict) and _dict_ok(v, [a]) for v, a in zip(value, alt)) for alt in alts)
+    """BFCL `list_dict_checker`: same length as an alternative, each dict checked against its position."""
+    return _empty_list_optional(value, alts) or any(
+        isinstance(alt, list) and len(alt) == len(value)
+        and all(isinstance(v, dict) and _dict_ok(v, [a]) for v, a in zip(value, alt)) for alt in alts)
 
 
 def _value_ok(value: Any, alts: list, expected: type | None, nested: type | None) -> bool:
@@ -416,12 +458,14 @@ def _bfcl_docs(tools: list[dict] | str) -> dict[str, dict]:
     return {t.get("name"): t for t in docs}
 
 
-def verify_bfcl(completion: str, ground_truth: list[dict] | str, tools: list[dict] | str) -> Verdict:
-    """BFCL verdict for gold `[{func_name: {param: [alternatives...]}}]` and BFCL function docs."""
+def verify_bfcl(completion: str, ground_truth: list[dict] | str, tools: list[dict] | str, *,
+                strict: bool = False) -> Verdict:
+    """BFCL verdict for gold `[{func_name: {param: [alternatives...]}}]` and BFCL function docs.
+    `strict`: read the calls as BFCL's leaderboard pipeline does (`parse_calls_strict`)."""
     gold, docs = _bfcl_gold(ground_truth), _bfcl_docs(tools)
-    pred = parse_calls(completion, call_cap(len(gold)))
+    pred = _parse(completion, len(gold), strict)
     if pred is None:
-        return Verdict(False, "unparsable")
+        return _unparsable(strict)
     if len(pred) != len(gold):
         return Verdict(False, f"wrong_count: got {len(pred)} calls, want {len(gold)}", pred)
     try:

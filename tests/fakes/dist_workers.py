@@ -29,7 +29,7 @@ def train(rank: int, world: int, port: int, overrides: list[str]) -> None:
     """`rrr train` on the trainer fakes (random-stop engine, parity verifier). The fake engine replaces
     `rrr.engines.build_engine`, so the trainer's own engine set-up (FSDP's gathered copy) still runs."""
     import rrr.engines
-    import trainer_fakes
+    from fakes import trainer as trainer_fakes
     from rrr import distributed, trainer
     from rrr.config import compose
 
@@ -86,7 +86,7 @@ def train_runs(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
     """Several `rrr train` runs (overrides each) on the trainer fakes in one process group: one spawn's
     start-up (~10 s per rank here) serves them all."""
     import rrr.engines
-    import trainer_fakes
+    from fakes import trainer as trainer_fakes
     from rrr import distributed, trainer
     from rrr.config import compose
 

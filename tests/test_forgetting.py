@@ -1,4 +1,4 @@
-"""`rrr benchmark` (lm-eval-harness) offline: a local lm-eval task (tests/lmeval_tasks: a multiple-choice
+"""`rrr forgetting` (lm-eval-harness) offline: a local lm-eval task (tests/lmeval_tasks: a multiple-choice
 group and a generation task over JSONL files) on tiny-random, vanilla and with a LoRA adapter that
 `rrr train` really trained; the run dir, the per-document scores, resume, and the compare table.
 
@@ -17,27 +17,29 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import trainer_fakes
-from rrr import bench_report, benchmark, compare, trainer
+from fakes import trainer as trainer_fakes
+from rrr import forgetting, trainer
+from rrr import report as compare
+from rrr.report import forgetting as forgetting_report
 from rrr.cli import app
 from rrr.config import UserError, compose
 
 pytest.importorskip("lm_eval")
 torch.set_num_threads(1)
 TASKS = Path(__file__).parent / "lmeval_tasks"
-LOCAL = [f"bench.include_path={TASKS}", "bench.tasks=[rrr_arith,rrr_arith_gen]", "bench.bootstrap_iters=0"]
+LOCAL = [f"forgetting.include_path={TASKS}", "forgetting.tasks=[rrr_arith,rrr_arith_gen]", "forgetting.bootstrap_iters=0"]
 N_ADD, N_SUB, N_GEN = 16, 12, 8
 
 
-def bench_cfg(run: Path, *extra: str):
+def forgetting_cfg(run: Path, *extra: str):
     return compose(["model=tiny-random", "model.device=cpu", f"run_dir={run}", *LOCAL, *extra])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
     """A 2-step LoRA train run on tiny-random (real GRPO updates; fake engine and verifier, as in
-    test_trainer), then `rrr benchmark` on the vanilla model and on its final adapter."""
-    root = tmp_path_factory.mktemp("bench")
+    test_trainer), then `rrr forgetting` on the vanilla model and on its final adapter."""
+    root = tmp_path_factory.mktemp("forgetting")
     failures = trainer_fakes.write_failures(root / "failures", smol_tokenizer)
     with pytest.MonkeyPatch.context() as mp:
         trainer_fakes.install(mp, trainer)
@@ -47,8 +49,8 @@ def runs(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
             "train.lr=0.05", "train.warmup_steps=0", "train.sampling.attempt1.max_tokens=8",
             "train.sampling.reflection.max_tokens=8", "train.sampling.attempt2.max_tokens=8", "log.progress=false"]))
     adapter = train / "checkpoints" / "final"
-    vanilla = benchmark.run(bench_cfg(root / "vanilla"))
-    trained = benchmark.run(bench_cfg(root / "trained", f"model.path={adapter}"))
+    vanilla = forgetting.run(forgetting_cfg(root / "vanilla"))
+    trained = forgetting.run(forgetting_cfg(root / "trained", f"model.path={adapter}"))
     return {"root": root, "train": train, "adapter": adapter, "vanilla": vanilla, "trained": trained}
 
 
@@ -62,7 +64,7 @@ def test_run_dir_has_config_manifest_results_and_per_document_scores(runs):
               "tasks/rrr_arith/results.json", "tasks/rrr_arith_gen/samples.parquet"):
         assert (run / f).exists(), f
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["command"] == "benchmark" and manifest["model_label"] == "trained"
+    assert manifest["command"] == "forgetting" and manifest["model_label"] == "trained"
     assert manifest["lm_eval_version"] and manifest["versions"]["torch"]
     assert Path(manifest["train_run"]) == runs["train"].resolve()
     s = samples(run)
@@ -139,8 +141,8 @@ def test_compare_refuses_to_pair_different_documents_or_prompts(runs, tmp_path):
     s.loc[s.task == "rrr_arith_gen", "prompt_hash"] = "x"
     s.to_parquet(other_prompt / "samples.parquet")
     for run, note in ((fewer, "different documents"), (other_prompt, "prompts differ")):
-        deltas = bench_report.paired_deltas(bench_report.name_runs(
-            [bench_report.load_bench_run(run), bench_report.load_bench_run(runs["vanilla"])]), 200)
+        deltas = forgetting_report.paired_deltas(forgetting_report.name_runs(
+            [forgetting_report.load_forgetting_run(run), forgetting_report.load_forgetting_run(runs["vanilla"])]), 200)
         bad = deltas[deltas.note.str.contains(note)]
         assert len(bad) == 1 and np.isnan(bad.delta.iloc[0])
 
@@ -149,36 +151,67 @@ def test_resume_skips_finished_tasks_and_refuses_other_settings(runs, monkeypatc
     def boom(*a, **k):
         raise AssertionError("a finished task was evaluated again")
 
-    monkeypatch.setattr(benchmark, "evaluate_task", boom)
-    monkeypatch.setattr(benchmark, "build_lm", boom)
+    monkeypatch.setattr(forgetting, "evaluate_task", boom)
+    monkeypatch.setattr(forgetting, "build_lm", boom)
     before = (runs["vanilla"] / "samples.parquet").read_bytes()
-    benchmark.run(bench_cfg(runs["vanilla"]))
+    forgetting.run(forgetting_cfg(runs["vanilla"]))
     assert pd.read_parquet(runs["vanilla"] / "samples.parquet").equals(pd.read_parquet(pd.io.common.BytesIO(before)))
     with pytest.raises(UserError, match="different settings"):
-        benchmark.run(bench_cfg(runs["vanilla"], "bench.num_fewshot=1"))
+        forgetting.run(forgetting_cfg(runs["vanilla"], "forgetting.num_fewshot=1"))
+
+
+def test_a_run_of_the_former_benchmark_command_is_continued_and_compared(runs, monkeypatch, tmp_path):
+    """Run dirs written as `rrr benchmark` (manifest command "benchmark") resume under `rrr forgetting`
+    and still count as forgetting-check runs in `rrr compare`."""
+    def boom(*a, **k):
+        raise AssertionError("a finished task was evaluated again")
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["vanilla"], old)
+    (old / ".lock").unlink(missing_ok=True)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "command": "benchmark"}))
+    assert forgetting_report.is_forgetting_run(old)
+    monkeypatch.setattr(forgetting, "evaluate_task", boom)
+    monkeypatch.setattr(forgetting, "build_lm", boom)
+    forgetting.run(forgetting_cfg(old))
+    assert json.loads((old / "manifest.json").read_text())["command"] == "forgetting"
+
+
+def test_the_benchmark_alias_says_the_new_name_and_runs_it_into_outputs_forgetting(tmp_path):
+    """`rrr benchmark bench.X=...` (the old name and keys): one line naming `rrr forgetting`, then the
+    forgetting check, with its run dir under <out_root>/forgetting/."""
+    old_keys = [o.replace("forgetting.", "bench.") for o in LOCAL]
+    result = CliRunner().invoke(app, ["benchmark", "model=tiny-random", "model.device=cpu", f"out_root={tmp_path}",
+                                      *old_keys, "bench.limit=2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("note: `rrr benchmark` is now `rrr forgetting`")
+    [run] = list((tmp_path / "forgetting").iterdir())
+    assert json.loads((run / "manifest.json").read_text())["command"] == "forgetting"
+    assert set(pd.read_parquet(run / "samples.parquet").doc_id) == {0, 1}          # bench.limit=2 arrived
 
 
 def test_task_plans_apply_per_task_overrides_and_reject_bad_values():
-    cfg = compose(["bench.tasks=[gsm8k,hellaswag]", "bench.limit=50", "bench.per_task={gsm8k:{num_fewshot:8}}"])
-    plans = benchmark.task_plans(cfg.bench)
+    cfg = compose(["forgetting.tasks=[gsm8k,hellaswag]", "forgetting.limit=50", "forgetting.per_task={gsm8k:{num_fewshot:8}}"])
+    plans = forgetting.task_plans(cfg.forgetting)
     assert [(p.name, p.num_fewshot, p.limit) for p in plans] == [("gsm8k", 8, 50), ("hellaswag", None, 50)]
-    assert benchmark.task_plans(compose(["bench.limit=0.25"]).bench)[0].limit == 0.25
-    assert [p.name for p in benchmark.task_plans(compose([]).bench)] == list(benchmark.PAPER_TASKS)
-    for bad, words in ((["bench.per_task={mmlu:{limit:3}}"], "not in bench.tasks"),
-                       (["bench.per_task={gsm8k:{shots:3}}"], "unknown keys"),
-                       (["bench.limit=1.5"], r"\(0, 1\)"), (["bench.tasks=[]"], "empty"),
-                       (["bench.tasks=[gsm8k,gsm8k]"], "twice"), (["bench.num_fewshot=-1"], ">= 0")):
+    assert forgetting.task_plans(compose(["forgetting.limit=0.25"]).forgetting)[0].limit == 0.25
+    assert [p.name for p in forgetting.task_plans(compose([]).forgetting)] == list(forgetting.PAPER_TASKS)
+    for bad, words in ((["forgetting.per_task={mmlu:{limit:3}}"], "not in forgetting.tasks"),
+                       (["forgetting.per_task={gsm8k:{shots:3}}"], "unknown keys"),
+                       (["forgetting.limit=1.5"], r"\(0, 1\)"), (["forgetting.tasks=[]"], "empty"),
+                       (["forgetting.tasks=[gsm8k,gsm8k]"], "twice"), (["forgetting.num_fewshot=-1"], ">= 0")):
         with pytest.raises(UserError, match=words):
-            benchmark.task_plans(compose(bad).bench)
+            forgetting.task_plans(compose(bad).forgetting)
 
 
 @pytest.mark.slow   # an unknown name is looked up in lm-eval's full index of ~15k tasks (~10-30 s)
 @pytest.mark.parametrize("args, words", [
-    (["bench.tasks=[rrr_arith_ad]", f"bench.include_path={TASKS}"], "unknown lm-eval task 'rrr_arith_ad'; did you mean"),
-    (["bench.include_path=/no/such/dir"], "not a folder"),
+    (["forgetting.tasks=[rrr_arith_ad]", f"forgetting.include_path={TASKS}"], "unknown lm-eval task 'rrr_arith_ad'; did you mean"),
+    (["forgetting.include_path=/no/such/dir"], "not a folder"),
 ])
 def test_cli_user_errors_are_one_line(args, words, tmp_path):
-    result = CliRunner().invoke(app, ["benchmark", "model=tiny-random", f"run_dir={tmp_path / 'r'}", *args])
+    result = CliRunner().invoke(app, ["forgetting", "model=tiny-random", f"run_dir={tmp_path / 'r'}", *args])
     assert result.exit_code == 1, result.output
     assert words in result.output and "Traceback" not in result.output
 
@@ -188,8 +221,8 @@ def test_a_hub_benchmark_offline_is_one_clear_error(tmp_path, monkeypatch):
     """gsm8k needs the hub (tests run with HF_HUB_OFFLINE=1 and an empty datasets cache)."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     with pytest.raises(UserError, match="lm-eval task 'gsm8k' cannot load its data"):
-        benchmark.run(compose(["model=tiny-random", "model.device=cpu", f"run_dir={tmp_path / 'r'}",
-                               f"bench.include_path={TASKS}", "bench.tasks=[gsm8k]", "bench.limit=2"]))
+        forgetting.run(compose(["model=tiny-random", "model.device=cpu", f"run_dir={tmp_path / 'r'}",
+                               f"forgetting.include_path={TASKS}", "forgetting.tasks=[gsm8k]", "forgetting.limit=2"]))
 
 
 def test_missing_lm_eval_says_how_to_install(monkeypatch):
@@ -203,8 +236,8 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    with pytest.raises(UserError, match=r"\.\[bench\]"):
-        benchmark.require_lm_eval()
+    with pytest.raises(UserError, match=r"\.\[forgetting\]"):
+        forgetting.require_lm_eval()
 
 
 def test_a_failed_start_leaves_no_run_dir(tmp_path, monkeypatch):
@@ -213,8 +246,8 @@ def test_a_failed_start_leaves_no_run_dir(tmp_path, monkeypatch):
     def no_model(cfg):
         raise UserError("cannot load the model")
 
-    monkeypatch.setattr(benchmark, "build_lm", no_model)
+    monkeypatch.setattr(forgetting, "build_lm", no_model)
     run = tmp_path / "r"
     with pytest.raises(UserError, match="cannot load"):
-        benchmark.run(bench_cfg(run))
+        forgetting.run(forgetting_cfg(run))
     assert not run.exists()

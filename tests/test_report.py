@@ -1,3 +1,7 @@
+"""rrr.report end to end through `rrr compare` on hand-made evaluate runs: the table, paired deltas and
+plots, pairing by example id, refusals of incomparable runs, the pre-registered comparisons and the
+training summary."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -8,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from rrr import compare
+from rrr import report
 from rrr.cli import app
 from rrr.config import UserError
 
@@ -29,7 +33,7 @@ def make_eval_run(root: Path, name: str, model: str, label: str, first, second, 
                        "attempt2_correct": np.where(first, np.nan, second.astype(float)),
                        "second_try_correct": second, "attempt1_text": "x", "reflection_text": "y",
                        "reflection_tokens": np.where(first, np.nan, 40.0)})
-    controls = controls if controls is not None else {c: first for c in compare.CONTROLS}
+    controls = controls if controls is not None else {c: first for c in report.CONTROLS}
     for c, v in controls.items():
         df[f"{c}_correct"] = np.asarray(v, bool) | first
     if shuffle:
@@ -80,13 +84,13 @@ def paper_like(tmp_path):
 
 def test_report_table_deltas_and_plots(tmp_path, paper_like, capsys):
     runs, v1, t1 = paper_like
-    out = compare.run(runs, tmp_path / "cmp")
+    out = report.run(runs, tmp_path / "cmp")
 
     table = pd.read_csv(out / "table.csv").set_index("run")
     assert list(table.index) == ["model-a vanilla", "model-a trained", "model-b vanilla"]
     assert table.loc["model-a vanilla", "first_try"] == pytest.approx(v1.mean())
     assert table.loc["model-a trained", "first_try"] == pytest.approx(t1.mean())
-    for key in compare.METRICS:
+    for key in report.METRICS:
         assert (table[f"{key}_lo"] <= table[key]).all() and (table[key] <= table[f"{key}_hi"]).all()
 
     deltas = pd.read_csv(out / "deltas.csv")
@@ -98,13 +102,13 @@ def test_report_table_deltas_and_plots(tmp_path, paper_like, capsys):
     gaps = deltas[deltas.comparison == "2nd try - control"]
     assert len(gaps) == 3 and (gaps.best_of_2 >= 0).all()  # controls here solve only what attempt 1 did
 
-    report = (out / "report.md").read_text()
-    assert "| model | label | n | 1st try | 2nd try | best-of-2 |" in report
-    assert f"{100 * v1.mean():.1f} [" in report
-    assert "Trained − vanilla" in report and "2nd try − best-of-2" in report
+    md = (out / "report.md").read_text()
+    assert "| model | label | n | 1st try | 2nd try | best-of-2 |" in md
+    assert f"{100 * v1.mean():.1f} [" in md
+    assert "Trained − vanilla" in md and "2nd try − best-of-2" in md
     for png in ("accuracy.png", "train_reward.png", "reflection_length.png"):
         assert (out / png).stat().st_size > 10_000
-        assert f"]({png})" in report
+        assert f"]({png})" in md
     printed = capsys.readouterr().out
     assert "| model-a | trained |" in printed and f"report: {out / 'report.md'}" in printed
 
@@ -113,7 +117,7 @@ def test_rows_are_paired_by_example_id_not_by_row_order(tmp_path):
     first = outcomes(7, 0.5)
     a = make_eval_run(tmp_path, "v", "m", "vanilla", first, first)
     b = make_eval_run(tmp_path, "t", "m", "trained", first, first, shuffle=True)
-    out = compare.run([a, b], tmp_path / "cmp")
+    out = report.run([a, b], tmp_path / "cmp")
     row = pd.read_csv(out / "deltas.csv").iloc[0]
     assert (row.first_try, row.first_try_lo, row.first_try_hi) == (0.0, 0.0, 0.0)
 
@@ -129,7 +133,7 @@ def test_refuses_runs_that_are_not_comparable(tmp_path, change, words):
     a = make_eval_run(tmp_path, "a", "m", "vanilla", first, first)
     b = make_eval_run(tmp_path, "b", "m", "trained", first, first, **change)
     with pytest.raises(UserError, match=words) as err:
-        compare.run([a, b], tmp_path / "cmp")
+        report.run([a, b], tmp_path / "cmp")
     assert str(a) in str(err.value) and str(b) in str(err.value)
     assert not (tmp_path / "cmp").exists()
 
@@ -137,7 +141,7 @@ def test_refuses_runs_that_are_not_comparable(tmp_path, change, words):
 def test_refuses_a_directory_that_is_not_an_evaluate_run(tmp_path):
     train = make_train_run(tmp_path)
     with pytest.raises(UserError, match="not an evaluate run"):
-        compare.run([train], tmp_path / "cmp")
+        report.run([train], tmp_path / "cmp")
 
 
 def test_cli_prints_one_line_error(tmp_path):
@@ -153,7 +157,7 @@ def test_without_train_runs_there_are_no_training_plots(tmp_path):
     first = outcomes(10, 0.4)
     a = make_eval_run(tmp_path, "a", "m", "vanilla", first, first)
     b = make_eval_run(tmp_path, "b", "m", "trained", first, first, train_run=tmp_path / "gone")
-    out = compare.run([a, b], tmp_path / "cmp")
+    out = report.run([a, b], tmp_path / "cmp")
     assert (out / "accuracy.png").exists()
     assert not (out / "train_reward.png").exists() and not (out / "reflection_length.png").exists()
     assert "has no metrics.jsonl" in (out / "report.md").read_text()
@@ -163,7 +167,7 @@ def test_missing_control_shows_as_dash_and_duplicate_labels_get_unique_names(tmp
     first = outcomes(11, 0.4)
     a = make_eval_run(tmp_path, "t1", "m", "trained", first, first, controls={"best_of_2": first})
     b = make_eval_run(tmp_path, "t2", "m", "trained", first, first, controls={"best_of_2": first})
-    out = compare.run([a, b], tmp_path / "cmp")
+    out = report.run([a, b], tmp_path / "cmp")
     table = pd.read_csv(out / "table.csv")
     assert list(table.run) == ["m trained (t1)", "m trained (t2)"]
     assert table.generic_reflection.isna().all() and table.best_of_2.notna().all()
@@ -177,20 +181,20 @@ def test_preregistered_deltas_pair_the_right_runs_and_metrics(tmp_path, capsys):
     v_best, t_retry = outcomes(22, 0.5), outcomes(23, 0.45)
     t_second = outcomes(24, 0.6)
     train = make_train_run(tmp_path, steps=4)
-    v = make_eval_run(tmp_path, "v", "m", "vanilla", v1, v1, controls={c: v_best for c in compare.CONTROLS})
+    v = make_eval_run(tmp_path, "v", "m", "vanilla", v1, v1, controls={c: v_best for c in report.CONTROLS})
     t = make_eval_run(tmp_path, "t", "m", "trained", t1, t_second, train_run=train, shuffle=True,
-                      controls={**{c: t1 for c in compare.CONTROLS}, "retry_no_reflection": t_retry})
-    out = compare.run([v, t], tmp_path / "cmp", note="Too small to measure an effect.")
+                      controls={**{c: t1 for c in report.CONTROLS}, "retry_no_reflection": t_retry})
+    out = report.run([v, t], tmp_path / "cmp", note="Too small to measure an effect.")
     pre = pd.read_csv(out / "preregistered.csv").set_index("comparison")
-    assert list(pre.index) == [p[0] for p in compare.PREREGISTERED]
+    assert list(pre.index) == [p[0] for p in report.PREREGISTERED]
     expect = [(t_second | t1).mean() - (v_best | v1).mean(), (t_second | t1).mean() - (t_retry | t1).mean(),
               t1.mean() - v1.mean()]
-    for (title, *_), value in zip(compare.PREREGISTERED, expect):
+    for (title, *_), value in zip(report.PREREGISTERED, expect):
         row = pre.loc[title]
         assert row.delta == pytest.approx(value)
         assert row.delta_lo <= row.delta <= row.delta_hi
-    report = (out / "report.md").read_text()
-    assert "Pre-registered comparisons" in report and "Too small to measure an effect." in report
+    md = (out / "report.md").read_text()
+    assert "Pre-registered comparisons" in md and "Too small to measure an effect." in md
     printed = capsys.readouterr().out
     assert "trained 2nd try − vanilla best-of-2" in printed and "Too small to measure an effect." in printed
 
@@ -206,7 +210,7 @@ def test_training_summary_counts_updates_with_gradient(tmp_path, capsys):
     first = outcomes(25, 0.5)
     v = make_eval_run(tmp_path, "v", "m", "vanilla", first, first)
     t = make_eval_run(tmp_path, "t", "m", "trained", first, first, train_run=run)
-    out = compare.run([v, t], tmp_path / "cmp")
+    out = report.run([v, t], tmp_path / "cmp")
     line = "2 of 4 updates carried gradient (a mixed-reward group, grad norm > 0); mixed-reward groups 3 of 8"
     assert line in capsys.readouterr().out and line in (out / "report.md").read_text()
 

@@ -1,4 +1,4 @@
-"""The benchmark part of `rrr compare`: lm-eval results of `rrr benchmark` runs side by side, with
+"""The forgetting-check part of `rrr compare`: lm-eval results of `rrr forgetting` runs side by side, with
 trained − vanilla deltas bootstrapped over the same documents (rrr.stats.paired_bootstrap_diff).
 
 A row is one benchmark × metric × filter. Its score per run is the mean of lm-eval's per-document scores
@@ -20,6 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from rrr.config import UserError
+from rrr.forgetting import COMMAND, FORMER_COMMAND
 from rrr.stats import bootstrap_ci, paired_bootstrap_diff
 
 KEY = ["subtask", "doc_id"]
@@ -40,16 +41,18 @@ class BenchRun:
         return f"{self.model} {self.tag}"
 
 
-def is_bench_run(path: Path) -> bool:
+def is_forgetting_run(path: Path) -> bool:
+    """A run of `rrr forgetting` (or of `rrr benchmark`, its former name)."""
     manifest = Path(path) / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("command") == "benchmark"
+    return manifest.exists() and json.loads(manifest.read_text()).get("command") in (COMMAND, FORMER_COMMAND)
 
 
-def load_bench_run(path: Path) -> BenchRun:
+def load_forgetting_run(path: Path) -> BenchRun:
     path = Path(path)
     for f in ("benchmark.parquet", "samples.parquet"):
         if not (path / f).exists():
-            raise UserError(f"{path} is an unfinished benchmark run (no {f}); re-run `rrr benchmark run_dir={path}`")
+            raise UserError(f"{path} is an unfinished forgetting-check run (no {f}); "
+                            f"re-run `rrr forgetting run_dir={path}`")
     manifest = json.loads((path / "manifest.json").read_text())
     cfg = OmegaConf.load(path / "config.yaml") if (path / "config.yaml").exists() else OmegaConf.create()
     model = OmegaConf.select(cfg, "model.name", default=None) or (manifest.get("model") or {}).get("name")
@@ -60,7 +63,7 @@ def load_bench_run(path: Path) -> BenchRun:
 
 
 def name_runs(runs: list[BenchRun]) -> list[BenchRun]:
-    """Model by model in the order given, vanilla before trained; tags unique (as rrr.compare does)."""
+    """Model by model in the order given, vanilla before trained; tags unique (as rrr.report.checks.name_runs does)."""
     first = {m: i for i, m in reversed(list(enumerate(r.model for r in runs)))}
     runs = sorted(runs, key=lambda r: (first[r.model], {"vanilla": 0, "trained": 1}.get(r.label, 2)))
     counts = pd.Series([(r.model, r.label) for r in runs]).value_counts()
@@ -126,7 +129,7 @@ def paired_deltas(runs: list[BenchRun], n_boot: int) -> pd.DataFrame:
                     out.append({**base, "note": "no per-document scores in one run"})
                     continue
                 if set(a.index) != set(b.index):
-                    out.append({**base, "note": f"different documents ({len(a)} vs {len(b)}): same bench.limit?"})
+                    out.append({**base, "note": f"different documents ({len(a)} vs {len(b)}): same forgetting.limit?"})
                     continue
                 b = b.loc[a.index]
                 if (a.doc_hash != b.doc_hash).any():

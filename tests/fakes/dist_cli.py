@@ -1,11 +1,11 @@
 """`rrr` under torchrun with the trainer fakes (random-stop engine, parity verifier), for the SIGKILL test:
-`torchrun --nproc_per_node=2 tests/dist_cli.py train ...` runs the real CLI (process group from torchrun's
-environment) on every rank."""
+`PYTHONPATH=.:tests torchrun --nproc_per_node=2 tests/fakes/dist_cli.py train ...` runs the real CLI
+(process group from torchrun's environment) on every rank."""
 
 import sys
 
 import rrr.engines
-import trainer_fakes
+from fakes import trainer as trainer_fakes
 from rrr import trainer
 from rrr.cli import app
 

@@ -1,4 +1,4 @@
-"""`rrr benchmark`: the forgetting check (paper.md §6.5) through lm-eval-harness, not a re-implementation.
+"""`rrr forgetting`: the forgetting check (paper.md §6.5) through lm-eval-harness, not a re-implementation.
 
 The paper reports MMLU-Pro, GSM8K, HellaSwag and MATH before and after R3 training (< 1% drop). We hand
 the model rrr loads (the embedded GGUF conversion, a hub model, or a `rrr train` checkpoint with its
@@ -33,12 +33,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr.config import UserError
-from rrr.runs import (atomic_write_json, atomic_write_parquet, check_resumable, claim_run_dir, lock_run_dir,
-                      model_info, plan_run_dir, update_manifest, write_run_files)
+from rrr.atomic import atomic_write_json, atomic_write_parquet
+from rrr.models import model_provenance
+from rrr.run_dir import RunDir
 
-COMMAND = "benchmark"
-PAPER_TASKS = ("mmlu_pro", "gsm8k", "hellaswag", "hendrycks_math")   # conf/bench/default.yaml says why
-INSTALL = "pip install -e '.[bench]'"
+COMMAND = "forgetting"
+FORMER_COMMAND = "benchmark"    # its name before; `rrr benchmark` still runs it (rrr.cli)
+PAPER_TASKS = ("mmlu_pro", "gsm8k", "hellaswag", "hendrycks_math")   # conf/forgetting/default.yaml says why
+INSTALL = "pip install -e '.[forgetting]'"
 RESPONSE_CHARS = 2000         # per-sample response text kept in samples.parquet
 # errors that mean "the data could not be fetched" (offline, gated, not cached), not a bug in rrr
 DATA_ERROR_MODULES = {"datasets", "huggingface_hub", "requests", "httpx", "fsspec", "aiohttp", "urllib3"}
@@ -79,40 +81,41 @@ def _fewshot(value: Any, where: str) -> int | None:
     return int(value)
 
 
-def task_plans(bench: DictConfig) -> list[TaskPlan]:
-    """One plan per task in `bench.tasks`, with `bench.per_task.<task>` overriding the shared settings."""
-    tasks = [str(t) for t in bench.tasks]
+def task_plans(forgetting: DictConfig) -> list[TaskPlan]:
+    """One plan per task in `forgetting.tasks`, with `forgetting.per_task.<task>` overriding the shared settings."""
+    tasks = [str(t) for t in forgetting.tasks]
     if not tasks:
-        raise UserError("bench.tasks is empty; give lm-eval task names, e.g. bench.tasks=[gsm8k,hellaswag]")
+        raise UserError("forgetting.tasks is empty; give lm-eval task names, e.g. forgetting.tasks=[gsm8k,hellaswag]")
     if len(set(tasks)) != len(tasks):
-        raise UserError(f"bench.tasks lists a task twice: {tasks}")
-    per_task = OmegaConf.to_container(bench.per_task, resolve=True) if bench.get("per_task") else {}
+        raise UserError(f"forgetting.tasks lists a task twice: {tasks}")
+    per_task = OmegaConf.to_container(forgetting.per_task, resolve=True) if forgetting.get("per_task") else {}
     if not isinstance(per_task, dict):
-        raise UserError("bench.per_task must be a mapping, e.g. bench.per_task='{gsm8k: {num_fewshot: 8}}'")
+        raise UserError("forgetting.per_task must be a mapping, e.g. forgetting.per_task='{gsm8k: {num_fewshot: 8}}'")
     unknown = sorted(set(per_task) - set(tasks))
     if unknown:
-        raise UserError(f"bench.per_task names {unknown}, which are not in bench.tasks {tasks}")
+        raise UserError(f"forgetting.per_task names {unknown}, which are not in forgetting.tasks {tasks}")
     plans = []
     for t in tasks:
         over = per_task.get(t) or {}
         bad = sorted(set(over) - {"num_fewshot", "limit"})
         if bad:
-            raise UserError(f"bench.per_task.{t} has unknown keys {bad}; valid: num_fewshot, limit")
+            raise UserError(f"forgetting.per_task.{t} has unknown keys {bad}; valid: num_fewshot, limit")
         plans.append(TaskPlan(
             name=t,
-            num_fewshot=_fewshot(over.get("num_fewshot", bench.num_fewshot), f"bench.per_task.{t}.num_fewshot"
-                                 if "num_fewshot" in over else "bench.num_fewshot"),
-            limit=_limit(over.get("limit", bench.limit), f"bench.per_task.{t}.limit" if "limit" in over
-                         else "bench.limit")))
+            num_fewshot=_fewshot(over.get("num_fewshot", forgetting.num_fewshot), f"forgetting.per_task.{t}.num_fewshot"
+                                 if "num_fewshot" in over else "forgetting.num_fewshot"),
+            limit=_limit(over.get("limit", forgetting.limit), f"forgetting.per_task.{t}.limit" if "limit" in over
+                         else "forgetting.limit")))
     return plans
 
 
-def include_path(bench: DictConfig) -> str | None:
-    if not bench.get("include_path"):
+def include_path(forgetting: DictConfig) -> str | None:
+    if not forgetting.get("include_path"):
         return None
-    path = Path(str(bench.include_path)).expanduser().resolve()
+    path = Path(str(forgetting.include_path)).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(f"bench.include_path={str(bench.include_path)!r} is not a folder of lm-eval task YAMLs")
+        raise UserError(f"forgetting.include_path={str(forgetting.include_path)!r} is not a folder of lm-eval "
+                        "task YAMLs")
     return str(path)
 
 
@@ -122,7 +125,7 @@ def _container(node: Any) -> Any:
 
 def fingerprint(cfg: DictConfig, plans: list[TaskPlan], lm_eval_version: str | None) -> dict[str, Any]:
     """What must not change when a benchmark run is resumed (a finished task is not re-run)."""
-    b = cfg.bench
+    b = cfg.forgetting
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "tasks": [p.__dict__ for p in plans],
@@ -144,7 +147,7 @@ def require_lm_eval():
         from lm_eval.models.huggingface import HFLM  # noqa: F401
         from lm_eval.tasks import TaskManager  # noqa: F401
     except ImportError:
-        raise UserError(f"rrr benchmark needs lm-eval-harness: {INSTALL} (or pip install lm-eval)") from None
+        raise UserError(f"rrr forgetting needs lm-eval-harness: {INSTALL} (or pip install lm-eval)") from None
     return lm_eval
 
 
@@ -164,18 +167,18 @@ def build_lm(cfg: DictConfig):
     from rrr.models import load_model
 
     model, tokenizer = load_model(cfg.model)
-    if bool(cfg.bench.merge_adapter) and hasattr(model, "merge_and_unload"):
+    if bool(cfg.forgetting.merge_adapter) and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()       # W + BA once, instead of an adapter pass per layer
     model.eval()
-    kwargs: dict[str, Any] = {"batch_size": int(cfg.bench.batch_size)}
-    if cfg.bench.get("max_length"):
-        kwargs["max_length"] = int(cfg.bench.max_length)
+    kwargs: dict[str, Any] = {"batch_size": int(cfg.forgetting.batch_size)}
+    if cfg.forgetting.get("max_length"):
+        kwargs["max_length"] = int(cfg.forgetting.max_length)
     return HFLM(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
 def build_task_manager(inc: str | None, plans: list[TaskPlan]):
     """lm-eval's TaskManager. Indexing its ~15k built-in task YAMLs takes 10-30 s on a CPU, so when
-    `bench.include_path` holds every requested task, only that folder is indexed."""
+    `forgetting.include_path` holds every requested task, only that folder is indexed."""
     from lm_eval.tasks import TaskManager
 
     if inc:
@@ -197,7 +200,7 @@ def check_tasks(task_manager: Any, plans: list[TaskPlan]) -> None:
             close = difflib.get_close_matches(p.name, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"unknown lm-eval task {p.name!r}{hint} (`lm-eval ls tasks` lists them; local "
-                            "task YAMLs need bench.include_path=DIR)")
+                            "task YAMLs need forgetting.include_path=DIR)")
 
 
 def _is_data_error(e: BaseException) -> bool:
@@ -207,24 +210,24 @@ def _is_data_error(e: BaseException) -> bool:
     return isinstance(e, (ConnectionError, TimeoutError, FileNotFoundError))
 
 
-def evaluate_task(lm: Any, task_manager: Any, plan: TaskPlan, bench: DictConfig) -> dict[str, Any]:
+def evaluate_task(lm: Any, task_manager: Any, plan: TaskPlan, forgetting: DictConfig) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` on one task with per-sample logging; a data-loading failure (offline,
     gated) becomes one UserError naming the task."""
     import lm_eval
 
-    chat = bool(bench.apply_chat_template)
+    chat = bool(forgetting.apply_chat_template)
     try:
         return lm_eval.simple_evaluate(
             model=lm, tasks=[plan.name], task_manager=task_manager, num_fewshot=plan.num_fewshot,
-            limit=plan.limit, log_samples=True, bootstrap_iters=int(bench.bootstrap_iters),
-            apply_chat_template=chat, fewshot_as_multiturn=chat and bool(bench.fewshot_as_multiturn),
-            gen_kwargs=_container(bench.gen_kwargs))
+            limit=plan.limit, log_samples=True, bootstrap_iters=int(forgetting.bootstrap_iters),
+            apply_chat_template=chat, fewshot_as_multiturn=chat and bool(forgetting.fewshot_as_multiturn),
+            gen_kwargs=_container(forgetting.gen_kwargs))
     except Exception as e:
         if _is_data_error(e):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"lm-eval task {plan.name!r} cannot load its data ({type(e).__name__}: {first}); "
                             "the hub benchmarks need the network or a filled HF datasets cache "
-                            "(HF_DATASETS_CACHE); a local task needs bench.include_path=DIR") from None
+                            "(HF_DATASETS_CACHE); a local task needs forgetting.include_path=DIR") from None
         raise
 
 
@@ -296,27 +299,24 @@ def _finished(out_dir: Path) -> bool:
 
 def run(cfg: DictConfig) -> Path:
     t0 = time.time()
-    plans = task_plans(cfg.bench)
-    inc = include_path(cfg.bench)
+    plans = task_plans(cfg.forgetting)
+    inc = include_path(cfg.forgetting)
     require_lm_eval()
     from rrr.evaluate import train_run_of
 
     task_manager = build_task_manager(inc, plans)
     check_tasks(task_manager, plans)
     version = lm_eval_version()
-    run_dir = plan_run_dir(cfg, COMMAND)
-    if run_dir.is_dir():
-        lock_run_dir(run_dir)                      # before reading its results: one writer per run dir
-    fp = fingerprint(cfg, plans, version)
-    check_resumable(run_dir, COMMAND, fp)
+    # locked before its results are read; a run of `rrr benchmark` (the former name) is continued too
+    rundir = RunDir.open(cfg, COMMAND, fingerprint(cfg, plans, version), former_names=(FORMER_COMMAND,))
+    run_dir = rundir.path
     todo = [p for p in plans if not _finished(run_dir / "tasks" / p.slug)]
     lm = build_lm(cfg) if todo else None
     # only now, with valid inputs and a loaded model, does the run dir get its config and manifest
-    claim_run_dir(run_dir)
+    rundir.claim()
     model_path = cfg.model.get("path")
-    write_run_files(run_dir, cfg, COMMAND, extra={
-        "resume_fingerprint": fp,
-        "model": model_info(cfg),
+    rundir.write_run_files(cfg, extra={
+        "model": model_provenance(cfg.model),
         "model_label": "trained" if model_path else "vanilla",
         "train_run": train_run_of(model_path),
         "tasks": [p.__dict__ for p in plans],
@@ -331,7 +331,7 @@ def run(cfg: DictConfig) -> Path:
             print(f"benchmark {plan.name}: done in an earlier invocation, kept")
             continue
         start = time.time()
-        output = evaluate_task(lm, task_manager, plan, cfg.bench)
+        output = evaluate_task(lm, task_manager, plan, cfg.forgetting)
         times[plan.name] = round(time.time() - start, 2)
         # samples first: results.json marks the task finished
         atomic_write_parquet(out_dir / "samples.parquet", pd.DataFrame(sample_rows(plan.name, output),
@@ -346,7 +346,7 @@ def run(cfg: DictConfig) -> Path:
                "tasks": {p.name: table_summary(table[table.task == p.name]) for p in plans},
                "task_wall_s": times, "wall_s": round(time.time() - t0, 2), "lm_eval_version": version}
     atomic_write_json(run_dir / "summary.json", summary)
-    update_manifest(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rundir.finish()
     print(format_table(table))
     print(f"results: {run_dir / 'benchmark.parquet'}")
     return run_dir

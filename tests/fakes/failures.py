@@ -90,18 +90,20 @@ def reflect_retry(engine, tokenizer, task, examples, attempts1, prompts_cfg, sam
     groups = []
     for ex, a1 in zip(examples, attempts1):
         reflection = REFLECTION_IDS if reflection_mode == "model" else []
-        text2 = f"attempt2:{reflection_mode}:0"
-        verdict = task.verify(ex, text2)
         ids = [1, 2] + a1.token_ids + [3] + reflection + [4] + [60, 61]
         segs = ([Segment.PROMPT] * 2 + [Segment.ATTEMPT1] * len(a1.token_ids) + [Segment.FEEDBACK]
                 + [Segment.REFLECTION] * len(reflection) + [Segment.RETRY_PROMPT] + [Segment.ATTEMPT2] * 2)
-        groups.append([SimpleNamespace(
-            example_id=ex.id, token_ids=ids, segment_ids=[int(s) for s in segs],
-            texts={"attempt1": "a1", "reflection": "r " * len(reflection), "attempt2": text2},
-            truncated={"reflection": ex.fields["q"] % 2 == 1, "attempt2": False},
-            attempt1_correct=False, attempt2_correct=verdict.correct, reward=float(verdict.correct),
-            reasons={"attempt2": verdict.reason}, reflection_length=len(reflection))
-            for _ in range(group_size)])
+        group = []
+        for g in range(group_size):            # retry g is correct iff g < solve["attempt2:<mode>"]
+            text2 = f"attempt2:{reflection_mode}:{g}"
+            verdict = task.verify(ex, text2)
+            group.append(SimpleNamespace(
+                example_id=ex.id, token_ids=ids, segment_ids=[int(s) for s in segs],
+                texts={"attempt1": "a1", "reflection": "r " * len(reflection), "attempt2": text2},
+                truncated={"reflection": ex.fields["q"] % 2 == 1, "attempt2": False},
+                attempt1_correct=False, attempt2_correct=verdict.correct, reward=float(verdict.correct),
+                reasons={"attempt2": verdict.reason}, reflection_length=len(reflection)))
+        groups.append(group)
     return groups
 
 
