@@ -51,9 +51,9 @@ class CapturingOptimizer:
 
 
 def capture_logp(monkeypatch) -> list:
-    """The trainer's log-prob tensors [b, T] of each micro-batch, with their gradient kept."""
+    """The policy's log-prob tensors [b, T] of each micro-batch in the update, with their gradient kept."""
     seen = []
-    real = trainer.masked_logprobs
+    real = trainer.shared_prefix.update_logprobs
 
     def spy(*args, **kwargs):
         logp, entropy = real(*args, **kwargs)
@@ -61,7 +61,7 @@ def capture_logp(monkeypatch) -> list:
         seen.append(logp)
         return logp, entropy
 
-    monkeypatch.setattr(trainer, "masked_logprobs", spy)
+    monkeypatch.setattr(trainer.shared_prefix, "update_logprobs", spy)
     return seen
 
 
