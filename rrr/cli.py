@@ -27,8 +27,8 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def _fail(msg: str, code: int) -> None:
-    if _rank() == 0:                     # every rank meets the same error: one line, from rank 0
+def _fail(msg: str, code: int, every_rank: bool = False) -> None:
+    if _rank() == 0 or every_rank:       # every rank meets the same error: one line, from rank 0
         typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -42,13 +42,30 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         typer.echo(to_yaml(cfg))
         return
     run: Callable = import_module(f"rrr.{module}").run
-    from rrr import distributed
+    from rrr import distributed, preemption
 
-    distributed.init()                   # under torchrun / accelerate launch: join the process group
+    try:                                 # under torchrun / accelerate launch: join the process group
+        distributed.init(cfg.get("dist", {}).get("timeout_s"))
+    except ConfigError as e:
+        _fail(str(e), 2)
+    if module in preemption.POLLED:      # SIGTERM / SIGUSR1: save at the next safe point, exit 75
+        preemption.install()
     try:
         run(cfg)
+    except preemption.Preempted as e:
+        if _rank() == 0:
+            typer.echo(str(e), err=True)
+        raise typer.Exit(preemption.EXIT_RESUME)
+    except ConfigError as e:             # a setting refused before the model loads (rrr.validate)
+        _fail(str(e), 2)
+    except distributed.CollectiveTimeout as e:     # only the ranks that waited know: each says so
+        _fail(str(e), 1, every_rank=True)
     except UserError as e:
         _fail(str(e), 1)
+    except RuntimeError as e:            # a collective outside rrr.distributed's (FSDP's) timed out
+        if not distributed.is_timeout(e):
+            raise
+        _fail(distributed.timeout_message(), 1, every_rank=True)
     except KeyboardInterrupt:
         from rrr.run_dir import CURRENT_RUN
 
@@ -58,6 +75,7 @@ def _run(module: str, overrides: list[str] | None, show_cfg: bool) -> None:
         _fail(f"interrupted; everything written so far is kept. To continue, re-run the same command with\n"
               f"  run_dir={CURRENT_RUN}", 130)
     finally:
+        preemption.uninstall()
         distributed.destroy()
 
 
@@ -116,7 +134,7 @@ def verify(overrides: Optional[List[str]] = OVERRIDES, cfg: bool = SHOW_CFG) -> 
 
 
 @app.command()
-def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate and/or forgetting run directories"),
+def compare(run_dirs: List[Path] = typer.Argument(..., help="evaluate, failure-eval and/or forgetting run directories"),
             out: Optional[Path] = typer.Option(None, "--out", help="output directory for report.md"),
             note: str = typer.Option("", "--note", help="a sentence printed and put at the top of report.md")) -> None:
     """Paper-style table, paired bootstrap CIs and plots from evaluate runs."""

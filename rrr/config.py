@@ -14,17 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rrr.errors import ConfigError, UserError  # noqa: F401  (re-exported: `from rrr.config import UserError`)
+
 CONF_DIR = Path(os.environ.get("RRR_CONF", Path(__file__).resolve().parent.parent / "conf"))
 GROUPS = ("task", "model", "engine", "prompts", "collect", "train", "eval", "forgetting", "logger", "experiment")
-
-
-class UserError(RuntimeError):
-    """An error the user can fix (bad input, missing file, offline hub): the CLI prints the message as
-    one line, without a traceback, and exits non-zero. The message says what to do next."""
-
-
-class ConfigError(UserError, ValueError):
-    """A bad override: unknown key, unknown group option, or a value of the wrong type."""
 
 
 def group_options(group: str) -> list[str]:

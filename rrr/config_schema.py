@@ -130,6 +130,7 @@ class TrainConfig:
     min_pass_rate: float = MISSING
     max_pass_rate: float = MISSING
     save_every: int = MISSING
+    keep_checkpoints: Optional[int] = MISSING
     sampling: Sampling = field(default_factory=Sampling)
     adam_betas: List[float] = MISSING
     logprob_chunk_size: int = MISSING

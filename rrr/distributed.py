@@ -9,18 +9,31 @@ Gradients are summed by hand once per step (`all_reduce_grads`), not by wrapping
 rank's loss is divided by the *global* normaliser (`all_reduce_sum` of the per-rank counts), so the sum of
 the ranks' gradients is the single-process gradient exactly; there is no `no_sync` to get right across
 micro-steps, and ranks with different numbers of micro-batches (or none) cannot deadlock.
+
+A collective that a rank never joins fails after `dist.timeout_s` (default 600 s, not torch's 30 min):
+the loop records its step (`at_step`), and the timeout becomes one line naming this rank, the step and
+the collective (`CollectiveTimeout`), on the rank that waited.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from rrr.config import ConfigError, UserError
+
 T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 600.0
+_state: dict[str, Any] = {"step": None, "timeout_s": DEFAULT_TIMEOUT_S}
+
+
+class CollectiveTimeout(UserError):
+    """A collective waited `dist.timeout_s` for a rank that never joined it."""
 
 
 def launched() -> bool:
@@ -32,15 +45,55 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init() -> None:
-    """Join the process group the launcher describes; a no-op for a plain single process or when joined."""
+def init(timeout_s: float | None = None) -> None:
+    """Join the process group the launcher describes; a no-op for a plain single process or when joined.
+    `timeout_s` (config `dist.timeout_s`; else RRR_DIST_TIMEOUT_S, else 600) bounds every collective."""
     if active() or not launched():
         return
+    if timeout_s is None:
+        timeout_s = os.environ.get("RRR_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(timeout_s)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"dist.timeout_s={timeout_s!r} must be a number of seconds > 0 (default 600)")
+    _state["timeout_s"] = seconds
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    timeout = datetime.timedelta(seconds=float(os.environ.get("RRR_DIST_TIMEOUT_S", 1800)))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=seconds))
+
+
+def at_step(step: int | None) -> None:
+    """Record the step the loop is in, for the message of a collective that times out."""
+    _state["step"] = step
+
+
+def is_timeout(e: BaseException) -> bool:
+    """gloo raises RuntimeError('... Timed out waiting Nms ...'); NCCL (blocking wait) a DistBackendError."""
+    return isinstance(e, RuntimeError) and "timed out" in str(e).lower()
+
+
+def timeout_message(op: str = "a collective") -> str:
+    step = _state["step"]
+    where = f"at step {step}" if step is not None else "before the first step"
+    return (f"rank {rank()} of {world()}: {op} {where} timed out after {_state['timeout_s']:g} s: another rank "
+            "never joined it (it crashed, hangs, or took another path: its own log says which); "
+            "dist.timeout_s sets the wait")
+
+
+def collective(fn: Callable[..., T]) -> Callable[..., T]:
+    """A collective of this module whose timeout is reported as one line naming the rank and the step."""
+    @functools.wraps(fn)
+    def named(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if isinstance(e, CollectiveTimeout) or not is_timeout(e):
+                raise
+            raise CollectiveTimeout(timeout_message(fn.__name__)) from None
+    return named
 
 
 def destroy() -> None:
@@ -60,6 +113,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
+@collective
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -80,6 +134,7 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[lo:hi])
 
 
+@collective
 def gather(items: Sequence[T]) -> list[T]:
     """Every rank's list, concatenated in rank order, on every rank (the inverse of `shard`)."""
     if not active():
@@ -96,6 +151,7 @@ def map_shards(fn: Callable[[list[Any]], list[T]], items: Sequence[Any]) -> list
     return gather(fn(mine) if mine else [])
 
 
+@collective
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each value summed over ranks (counts, and rates of ranks running side by side); ints stay ints."""
     if not active():
@@ -104,6 +160,7 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: type(v)(s) if isinstance(v, int) else s for (k, v), s in zip(values.items(), sums)}
 
 
+@collective
 def from_main(fn: Callable[[], T]) -> T:
     """`fn()` evaluated on rank 0 only (e.g. creating a run dir) and its result handed to every rank."""
     if not active():
@@ -113,6 +170,7 @@ def from_main(fn: Callable[[], T]) -> T:
     return box[0]
 
 
+@collective
 def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
     """Σ over ranks (a tensor keeps its device and dtype; a number comes back as a float)."""
     if not active():
@@ -122,6 +180,7 @@ def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
     return t.to(x.device) if torch.is_tensor(x) else float(t)
 
 
+@collective
 def mean(value: float | None, count: int) -> float | None:
     """The mean over all ranks of per-rank means `value` of `count` items each; a rank with nothing to
     average passes None and still joins the all-reduce (skipping it would hang the others). None when no
@@ -133,6 +192,7 @@ def mean(value: float | None, count: int) -> float | None:
     return total / n if n else None
 
 
+@collective
 def all_reduce_max(x: float) -> float:
     if not active():
         return x
@@ -141,6 +201,7 @@ def all_reduce_max(x: float) -> float:
     return float(t)
 
 
+@collective
 def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum the gradients of replicated parameters over ranks, in one flat buffer per dtype. A rank with no
     gradient for a parameter (no episodes this step) contributes zeros. FSDP-sharded parameters (DTensors)

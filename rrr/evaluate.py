@@ -31,23 +31,23 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
+from rrr import preemption
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.leak import reflection_leaks
 from rrr.atomic import atomic_write_json, atomic_write_parquet
 from rrr.engines import build_generator
-from rrr.models import model_provenance
+from rrr.model_info import model_provenance
 from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import examples_sha256
 from rrr.rollout import sampling_params, throughput
 from rrr.run_dir import RunDir
 from rrr.validate import check as check_settings
-from rrr.stats import bootstrap_ci, distinct_ngram_ratio
+from rrr.eval_summary import format_table, summarize
 from rrr.tasks import Example, excluded_ids, get_task
 from rrr.testsets import TestSet
 from rrr.testsets import resolve as resolve_test_sets
@@ -211,69 +211,6 @@ def evaluate_batch(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Ex
     return with_strict(task, examples, rows, controls)
 
 
-# ----------------------------------------------------------------------------- summary
-
-def accuracy(values: pd.Series, n_boot: int, seed: int) -> dict[str, Any]:
-    mean, lo, hi = bootstrap_ci(values.astype(float).to_numpy(), n_boot=n_boot, alpha=0.05, seed=seed)
-    return {"acc": mean, "ci": [lo, hi]}
-
-
-def reflection_stats(df: pd.DataFrame) -> dict[str, float | None]:
-    """Over the examples that got a reflection (attempt 1 failed): length, truncation, repetition, and
-    the share that already holds a parsable answer (rrr.leak)."""
-    has = df[df.reflection_tokens.notna()]
-    if has.empty:
-        return {k: None for k in ("tokens_mean", "tokens_p50", "tokens_p95", "truncated_share",
-                                  "distinct_3gram_ratio", "leak_share")}
-    tokens = has.reflection_tokens.to_numpy(float)
-    return {
-        "tokens_mean": float(tokens.mean()),
-        "tokens_p50": float(np.percentile(tokens, 50)),
-        "tokens_p95": float(np.percentile(tokens, 95)),
-        "truncated_share": float(has.reflection_truncated.astype(float).mean()),
-        "distinct_3gram_ratio": float(np.mean([distinct_ngram_ratio(list(ids), 3)
-                                               for ids in has.reflection_token_ids])),
-        "leak_share": float(has.reflection_leak.astype(float).mean()) if "reflection_leak" in has else None,
-    }
-
-
-def summarize(df: pd.DataFrame, controls: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "n": len(df),
-        "first_try": accuracy(df.attempt1_correct, n_boot, seed),
-        "second_try": accuracy(df.second_try_correct, n_boot, seed),
-    }
-    for c in controls:
-        summary[c] = accuracy(df[f"{c}_correct"], n_boot, seed)
-    # the leaderboard-format scores under their own keys, never in place of the lenient ones
-    strict = {"first_try": "attempt1_strict_correct", "second_try": "second_try_strict_correct",
-              **{c: f"{c}_strict_correct" for c in controls}}
-    if "attempt1_strict_correct" in df:
-        summary["strict"] = {k: accuracy(df[col], n_boot, seed) for k, col in strict.items()}
-    summary["reflection"] = reflection_stats(df)
-    return summary
-
-
-def format_table(summary: dict[str, Any], controls: Sequence[str]) -> str:
-    strict = summary.get("strict")
-    lines = [f"{summary['task']} · {summary['model']} ({summary['label']}) · n={summary['n']}",
-             f"{'':22s}{'acc':>7s}   95% CI" + ("           strict (leaderboard format)" if strict else "")]
-    for key in ("first_try", "second_try", *controls):
-        m = summary[key]
-        line = f"{key.replace('_', ' '):22s}{m['acc']:7.3f}   [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
-        if strict:
-            s = strict[key]
-            line += f"   {s['acc']:7.3f}   [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
-        lines.append(line)
-    r = summary["reflection"]
-    if r["tokens_mean"] is not None:
-        lines.append(f"reflections: {r['tokens_mean']:.1f} tokens mean (p50 {r['tokens_p50']:.0f}, "
-                     f"p95 {r['tokens_p95']:.0f}), truncated {r['truncated_share']:.1%}, "
-                     f"distinct 3-grams {r['distinct_3gram_ratio']:.3f}"
-                     + (f", answer leaked in {r['leak_share']:.1%}" if r.get("leak_share") is not None else ""))
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 def load_examples(ts: TestSet, cfg: DictConfig) -> list[Example]:
@@ -360,12 +297,16 @@ def run(cfg: DictConfig) -> Path:
         task = get_task(ts.task)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="example",
                    desc=f"evaluate {ts.name}" if not single else "evaluate", disable=not cfg.log.progress or not dist.is_main())
+        written = len(examples) - len(todo)
         for batch in chunks(todo, int(cfg.eval.batch_queries)):
             # under torchrun each rank evaluates its share of the batch; rank 0 writes the merged part
             rows = dist.map_shards(lambda part: evaluate_batch(engine, tokenizer, task, part, ts.cfg, stats), batch)
             if dist.is_main():
                 write_part(parts, rows)
             bar.update(len(batch))
+            written += len(batch)
+            if preemption.requested_everywhere():      # SIGTERM/SIGUSR1: this part is written; exit 75
+                raise preemption.Preempted(run_dir, f"{written} of {len(examples)} examples of {ts.name} in parts/")
         bar.close()
     tp = dist.sum_over_ranks(throughput(stats))
     if not dist.is_main():

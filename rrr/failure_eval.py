@@ -11,8 +11,9 @@ reflections → retries, and on the same failures and seeds the controls of `eva
 no reflection, a fresh attempt (best-of-2: a second independent attempt 1) and a generic reflection.
 A failure's fix rate is the mean of its R retries. Seeds derive from (seed, step = stored-attempt index,
 query id, sample index, segment), so two models see the same failures with the same seeds and compare
-paired, failure by failure, clustered by query (rrr.stats); `compare_runs` reports the deltas with the
-minimum detectable effect at 80% power.
+paired, failure by failure, clustered by query (rrr.stats), with the
+minimum detectable effect at 80% power; `rrr compare VANILLA_RUN TRAINED_RUN` (rrr/report/failures.py)
+reports them first.
 
 Why a command of its own rather than `rrr evaluate eval.on=failures`: its input (a failure set), unit
 (failure × R) and results differ from evaluate's per-example table; its own command and run directory
@@ -36,14 +37,15 @@ from rrr.engines.base import Sample
 from rrr.evaluate import REFLECTION_MODE, controls_of, segment_sampling, train_run_of
 from rrr.failures import load_failures
 from rrr.leak import reflection_leaks
-from rrr.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text
+from rrr.atomic import atomic_write_json, atomic_write_parquet
 from rrr.engines import build_generator
-from rrr.models import model_provenance
+from rrr.model_info import model_provenance
 from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import sha256_file
 from rrr.rollout import throughput
 from rrr.run_dir import RunDir, read_manifest
-from rrr.stats import cluster_bootstrap_mean, clustered_se, min_detectable_effect, paired_cluster_bootstrap_diff
+from rrr.stats import clustered_rate as rate
+from rrr.stats import min_detectable_effect, paired_delta
 from rrr.tasks import Example, get_task
 from rrr.validate import check as check_settings
 from rrr.validate import check_limit
@@ -81,10 +83,12 @@ def conditions_of(cfg: DictConfig) -> list[str]:
 
 def outcome_columns(name: str, task: Any, example: Example, texts: Sequence[str],
                     correct: Sequence[bool | None]) -> dict[str, Any]:
-    """R retries of one condition: outcomes (NaN = unscorable), fix rate = mean of the scorable ones,
-    and the strict (leaderboard-format) outcomes beside them when the task has that format."""
+    """R retries of one condition: their texts, outcomes (NaN = unscorable), fix rate = mean of the
+    scorable ones, and the strict (leaderboard-format) outcomes beside them when the task has that
+    format. Columns are `<condition>_attempt2_texts`, `_correct`, `_fix_rate`, `_strict`, `_strict_fix_rate`
+    (`reflection_texts` holds the method's reflections themselves)."""
     outcomes = [np.nan if c is None else float(c) for c in correct]
-    cols = {f"{name}_texts": list(texts), f"{name}_correct": outcomes, f"{name}_fix_rate": _mean(outcomes)}
+    cols = {f"{name}_attempt2_texts": list(texts), f"{name}_correct": outcomes, f"{name}_fix_rate": _mean(outcomes)}
     if hasattr(task, "verify_strict"):
         strict = [float(bool(t) and task.verify_strict(example, t).correct) for t in texts]
         cols.update({f"{name}_strict": strict, f"{name}_strict_fix_rate": _mean(strict)})
@@ -138,28 +142,6 @@ def evaluate_failures(engine: Any, tokenizer: Any, task: Any, failures: Sequence
 
 # ----------------------------------------------------------------------------- statistics
 
-def paired_delta(a: Sequence[float], b: Sequence[float], clusters: Sequence[str], n_boot: int,
-                 seed: int) -> dict[str, Any]:
-    """mean(a − b) over the failures scorable in both, its CI (queries resampled), the cluster-robust
-    SE and the minimum detectable effect at 80% power from that SE."""
-    a, b, clusters = np.asarray(a, float), np.asarray(b, float), np.asarray(clusters)
-    keep = ~(np.isnan(a) | np.isnan(b))
-    if not keep.any():
-        return {"delta": None, "ci": [None, None], "se": None, "mde": None, "n": 0}
-    d, lo, hi = paired_cluster_bootstrap_diff(a[keep], b[keep], clusters[keep], n_boot=n_boot, seed=seed)
-    se = clustered_se(a[keep] - b[keep], clusters[keep])
-    return {"delta": d, "ci": [lo, hi], "se": se, "mde": min_detectable_effect(se), "n": int(keep.sum())}
-
-
-def rate(values: Sequence[float], clusters: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
-    x, c = np.asarray(values, float), np.asarray(clusters)
-    keep = ~np.isnan(x)
-    if not keep.any():
-        return {"mean": None, "ci": [None, None], "se": None, "n": 0}
-    mean, lo, hi = cluster_bootstrap_mean(x[keep], c[keep], n_boot=n_boot, seed=seed)
-    return {"mean": mean, "ci": [lo, hi], "se": clustered_se(x[keep], c[keep]), "n": int(keep.sum())}
-
-
 def summarize(df: pd.DataFrame, conditions: Sequence[str], n_boot: int, seed: int) -> dict[str, Any]:
     """Fix rates per condition (lenient, and strict where present), the method against each control
     within this model, and the planning MDE of a future paired comparison of this condition between two
@@ -187,69 +169,8 @@ def _share(column: pd.Series) -> float | None:
     return float(np.mean(flat)) if flat else None
 
 
-# ----------------------------------------------------------------------------- vanilla vs trained
-
-HEADLINE = (("trained", METHOD, "vanilla", METHOD),               # the pre-registered primary comparison
-            ("trained", METHOD, "trained", "retry_no_reflection"),
-            ("trained", METHOD, "vanilla", "best_of_2"))
-
-
-def compare_runs(vanilla: pd.DataFrame, trained: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Vanilla and trained failure-eval results on the same failures: fix rates, the headline paired
-    deltas (trained reflection − vanilla reflection, − trained retry-no-reflection, − vanilla best-of-2)
-    and trained − vanilla per condition, each with CI and MDE."""
-    if set(vanilla.pair_id) != set(trained.pair_id):
-        raise UserError("the two failure-eval runs cover different failures; run both on the same "
-                        "eval.failures (and eval.failures_limit / eval.attempts_per_query)")
-    both = vanilla.merge(trained, on="pair_id", suffixes=("@vanilla", "@trained"))
-    clusters = both["example_id@vanilla"].to_numpy()
-    runs = {"vanilla": vanilla, "trained": trained}
-    # each run may carry other controls (the reflection arm and its seeds do not depend on them)
-    have = {m: [c for c in (METHOD, "retry_no_reflection", "best_of_2", "generic_reflection")
-                if f"{c}_fix_rate" in df] for m, df in runs.items()}
-
-    def col(model: str, condition: str) -> np.ndarray:
-        name = f"{condition}_fix_rate"
-        return both[name if name in both else f"{name}@{model}"].to_numpy(float)
-
-    return {
-        "n_failures": len(both), "n_queries": int(len(set(clusters))),
-        "fix_rate": {m: {c: rate(df[f"{c}_fix_rate"], df.example_id, n_boot, seed) for c in have[m]}
-                     for m, df in runs.items()},
-        "headline": [{"a": f"{ma} {ca}", "b": f"{mb} {cb}",
-                      **paired_delta(col(ma, ca), col(mb, cb), clusters, n_boot, seed)}
-                     for ma, ca, mb, cb in HEADLINE if ca in have[ma] and cb in have[mb]],
-        "trained_minus_vanilla": {c: paired_delta(col("trained", c), col("vanilla", c), clusters, n_boot, seed)
-                                  for c in have["vanilla"] if c in have["trained"]},
-        # the leaderboard-format fix rates beside the lenient ones (tasks with a strict format)
-        "strict_fix_rate": {m: {c: rate(df[f"{c}_strict_fix_rate"], df.example_id, n_boot, seed)["mean"]
-                                for c in have[m] if f"{c}_strict_fix_rate" in df} for m, df in runs.items()},
-    }
-
-
 def _pp(x: float | None, sign: bool = False) -> str:
     return "n/a" if x is None or np.isnan(x) else f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
-
-
-def report_lines(comparison: dict[str, Any]) -> list[str]:
-    """The first lines of `rrr compare` for a vanilla/trained pair of failure-eval runs."""
-    c = comparison
-    lines = [f"Held-out failures: {c['n_failures']} failures of {c['n_queries']} queries (fix rate = mean of R "
-             f"retries per failure; 95% CIs resample queries; pp)"]
-    for model, rates in c["fix_rate"].items():
-        lines.append(f"  {model:8s} " + "  ".join(f"{k.replace('_', ' ')} {_pp(v['mean'])} "
-                                                   f"[{_pp(v['ci'][0])}, {_pp(v['ci'][1])}]"
-                                                   for k, v in rates.items()))
-    for model, rates in c.get("strict_fix_rate", {}).items():
-        if rates:
-            lines.append(f"  {model:8s} strict (leaderboard format): " + "  ".join(
-                f"{k.replace('_', ' ')} {_pp(v)}" for k, v in rates.items()))
-    for h in c["headline"]:
-        shown = h["ci"][0] is not None and (h["ci"][0] > 0 or h["ci"][1] < 0)
-        lines.append(f"  {h['a']} − {h['b']}: {_pp(h['delta'], True)} [{_pp(h['ci'][0], True)}, "
-                     f"{_pp(h['ci'][1], True)}], MDE {_pp(h['mde'])} ({'shown' if shown else 'not shown'}; "
-                     f"n = {h['n']})")
-    return lines
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -360,43 +281,3 @@ def run(cfg: DictConfig) -> Path:
     print(format_summary(summary))
     print(f"results: {run_dir / 'results.parquet'}")
     return run_dir
-
-
-def compare_dirs(vanilla_dir: str | Path, trained_dir: str | Path, n_boot: int = 2000) -> dict[str, Any]:
-    """`compare_runs` on two failure-eval run directories, after checking they are comparable."""
-    manifests = [read_manifest(Path(d)) or {} for d in (vanilla_dir, trained_dir)]
-    for d, m in zip((vanilla_dir, trained_dir), manifests):
-        if m.get("command") != COMMAND:
-            raise UserError(f"{d} is not a {COMMAND} run")
-    for key in ("failures_sha256",):
-        if manifests[0]["failure_set"][key] != manifests[1]["failure_set"][key]:
-            raise UserError("the two failure-eval runs used different failure sets (eval.failures); pair runs "
-                            "on the same held-out failures")
-    fps = [m["resume_fingerprint"] for m in manifests]
-    for key in ("seed", "R", "sampling"):
-        if fps[0][key] != fps[1][key]:
-            raise UserError(f"the two failure-eval runs differ in {key}; paired comparison needs the same")
-    frames = [pd.read_parquet(Path(d) / "results.parquet") for d in (vanilla_dir, trained_dir)]
-    return compare_runs(*frames, n_boot=n_boot, seed=fps[0]["seed"])
-
-
-def write_comparison(vanilla_dir: str | Path, trained_dir: str | Path, out: str | Path) -> list[str]:
-    """compare_dirs → `out/failure_eval.json` and `out/failure_eval.md`; returns the report lines. (The
-    `rrr compare` report carries these lines first once the report package takes failure-eval runs.)"""
-    comparison = compare_dirs(vanilla_dir, trained_dir)
-    lines = report_lines(comparison)
-    out = Path(out)
-    atomic_write_json(out / "failure_eval.json", {"vanilla": str(vanilla_dir), "trained": str(trained_dir),
-                                                  **comparison})
-
-    atomic_write_text(out / "failure_eval.md", "\n".join(["```", *lines, "```", ""]))
-    return lines
-
-
-if __name__ == "__main__":      # python -m rrr.failure_eval VANILLA_RUN TRAINED_RUN OUT_DIR
-    import sys
-
-    try:
-        print("\n".join(write_comparison(*sys.argv[1:4])))
-    except (UserError, TypeError) as e:
-        sys.exit(f"error: {e}\nusage: python -m rrr.failure_eval VANILLA_RUN TRAINED_RUN OUT_DIR")

@@ -21,10 +21,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
+from rrr import preemption
 from rrr.config import UserError
 from rrr.atomic import atomic_write_json, atomic_write_parquet
 from rrr.engines import build_generator
-from rrr.models import model_provenance
+from rrr.model_info import model_provenance
 from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import data_sha256, examples_sha256
 from rrr.rollout import sampling_params, throughput
@@ -170,12 +171,16 @@ def run(cfg: DictConfig) -> Path:
     if todo:
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), unit="query",
                    desc="collect-failures", disable=not cfg.log.progress or not dist.is_main())
+        written = len(examples) - len(todo)
         for chunk in chunks(todo, int(cfg.collect.batch_queries)):
             # under torchrun each rank samples its share of the chunk; rank 0 writes the merged part
             rows = dist.map_shards(lambda part: collect_chunk(engine, tokenizer, task, part, cfg, stats), chunk)
             if dist.is_main():
                 write_part(parts, rows)
             bar.update(len(chunk))
+            written += len(chunk)
+            if written < len(examples) and preemption.requested_everywhere():   # SIGTERM/SIGUSR1: exit 75
+                raise preemption.Preempted(run_dir, f"{written} of {len(examples)} queries written to parts/")
         bar.close()
     tp = dist.sum_over_ranks(throughput(stats))
     if not dist.is_main():

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrr.config import UserError
 from rrr.atomic import atomic_write_json, atomic_write_parquet
-from rrr.models import model_provenance
+from rrr.model_info import model_provenance
 from rrr.run_dir import RunDir
 
 COMMAND = "forgetting"

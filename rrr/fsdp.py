@@ -13,9 +13,11 @@ utilities the same way):
   the engine samples from an unsharded copy that `load_weights` refreshes with the gathered weights.
 - `pad_micro_batches` / `idle_step`: every rank runs as many forward/backward passes as the busiest one
   (a pass with zero loss), so the per-layer all-gathers and reduce-scatters pair up across ranks.
-- `full_state` / `load_full_state`: checkpoints hold the gathered weights in HF format (so `rrr evaluate
-  model.path=...` reads them) and the full optimizer state, keyed by parameter name; resume re-shards both
-  (torch.distributed.checkpoint.state_dict), on any number of ranks.
+- `save_sharded` / `load_sharded`: checkpoints hold model and optimizer state as each rank's shards
+  (torch.distributed.checkpoint: every rank writes its own file, no rank gathers the optimizer), and a
+  resume on any number of ranks re-shards them as it reads; `final` also gets the gathered weights in HF
+  format (`full_state`), so `rrr evaluate model.path=...` reads it. `load_full_state` still reads the
+  gathered checkpoints of earlier versions.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def _shared_masked_logprobs_method(self, *args, **kwargs):
 def fresh_copy(cfg):
     """The model of `cfg.model` as loaded before training (the policy's initial weights, stored and
     computed in the policy's precision; an adapter in `model.path` merged, as the policy merges it), eval mode."""
-    from rrr.models import load_for_training, merge_adapter
+    from rrr.models import merge_adapter
+    from rrr.precision import load_for_training
 
     return merge_adapter(load_for_training(cfg.model, cfg.train.finetune, for_training=False)[0])
 
@@ -101,10 +104,14 @@ class GatheredEngine:
         return self.engine.generate(*args, **kwargs)
 
     def load_weights(self, model) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))   # every rank
-        self.copy.load_state_dict(full, strict=False)          # tied weights appear once
+        """Gather one parameter at a time into the copy (a collective per parameter, every rank in the same
+        order): the extra memory is one full parameter, not a full state dict beside the copy."""
+        copy = dict(self.copy.named_parameters())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p     # [*shape] on every rank
+                copy[name].copy_(full)
+                del full
         self.engine.load_weights(self.copy)
 
     def __getattr__(self, name: str) -> Any:
@@ -139,17 +146,53 @@ def scalar(x: torch.Tensor) -> float:
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
-def full_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Gathered model and optimizer state dicts on rank 0 (CPU); a collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+SHARDED = "sharded"      # the torch.distributed.checkpoint directory inside a checkpoint
+
+
+def save_sharded(model, optimizer, directory) -> None:
+    """Model and optimizer state as this rank's shards (DTensors) in `directory`, one file per rank plus
+    torch.distributed.checkpoint's metadata; a collective: every rank calls it with the same directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": drop_tied(model, model_state), "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(model, optimizer, directory) -> None:
+    """Read `directory` into the sharded model and optimizer; the ranks that wrote it may have been more
+    or fewer (each rank reads the pieces of the saved shards that overlap its own)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": drop_tied(model, model_state), "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))      # a tied key shares its twin's tensor
+
+
+def full_state(model, optimizer=None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Gathered model (and, if given, optimizer) state dicts on rank 0 (CPU); a collective: every rank
+    calls it. The HF export of `final` gathers only the model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    if getattr(model.config, "tie_word_embeddings", False):    # saved once, as save_pretrained does
+    if optimizer is None:
+        model_state, optimizer_state = get_model_state_dict(model, options=options), None
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return drop_tied(model, model_state), optimizer_state
+
+
+def drop_tied(model, state: dict[str, Any]) -> dict[str, Any]:
+    """Tied weights (lm_head = embed_tokens) kept once, as save_pretrained does: the twin is the same
+    tensor, and saving it twice doubled the embedding's share of a checkpoint."""
+    if getattr(model.config, "tie_word_embeddings", False):
         tied = getattr(model, "_tied_weights_keys", None) or []
         for key in (tied.keys() if isinstance(tied, dict) else tied):
-            model_state.pop(key, None)
-    return model_state, optimizer_state
+            state.pop(key, None)
+    return state
 
 
 def load_full_state(model, optimizer, model_state: dict[str, torch.Tensor] | None,

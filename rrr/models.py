@@ -257,11 +257,19 @@ def load_tokenizer_only(name_or_cfg: str | DictConfig | dict):
 
 def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) on the configured device and dtype. `for_training=False` returns the model
-    in eval mode with gradients off; `True` in train mode (an adapter from `model.path` trainable)."""
+    in eval mode with gradients off; `True` in train mode (an adapter from `model.path` trainable).
+    A library error on the way is one line naming the model settings (rrr.errors.library_errors)."""
+    from rrr.errors import library_errors
+
+    cfg = _cfg(model_cfg)
+    with library_errors(f"loading model {cfg.name}", "model.* (path, dtype, device, attn_implementation)"):
+        return _load_model(cfg, for_training)
+
+
+def _load_model(cfg: DictConfig, for_training: bool) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(model_cfg)
     device = resolve_device(cfg.device)
     kwargs = {"dtype": resolve_dtype(cfg.dtype, device), "attn_implementation": cfg.attn_implementation}
     tokenizer = load_tokenizer_only(cfg)
@@ -301,20 +309,6 @@ def load_model(model_cfg: DictConfig | dict, *, for_training: bool = False) -> t
     return model, tokenizer
 
 
-def load_for_training(model_cfg: DictConfig | dict, finetune: str, *, for_training: bool = True):
-    """(model, tokenizer) stored as training keeps them (rrr.precision): `model.dtype` is the compute
-    dtype; under full fine-tuning in bf16/fp16 the weights load in fp32 (the master weights AdamW updates)
-    and the model is marked to compute in `model.dtype` under autocast. LoRA: as `load_model`."""
-    from rrr import precision
-
-    cfg = _cfg(model_cfg)
-    compute = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    if precision.master_dtype(compute, finetune) != compute:
-        cfg = OmegaConf.merge(cfg, {"dtype": "float32"})
-    model, tokenizer = load_model(cfg, for_training=for_training)
-    return precision.set_compute_dtype(model, compute), tokenizer
-
-
 def apply_lora(model, model_cfg: DictConfig | dict):
     """Wrap `model` with LoRA adapters (rank, alpha, dropout, target modules from `model.lora`).
     A model that already carries adapters (loaded from a checkpoint) is returned unchanged."""
@@ -322,10 +316,13 @@ def apply_lora(model, model_cfg: DictConfig | dict):
 
     if isinstance(model, PeftModel):
         return model
+    from rrr.errors import library_errors
+
     lora = _cfg(model_cfg).lora
-    config = LoraConfig(r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
-                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with library_errors("peft's LoRA setup", "model.lora.* (r, alpha, dropout, target_modules)"):
+        config = LoraConfig(r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
 
 
 def merge_adapter(model):
@@ -340,28 +337,6 @@ def merge_adapter(model):
     merged = model.merge_and_unload()
     merged.requires_grad_(training)
     return merged.train(training)
-
-
-def model_provenance(model_cfg: DictConfig | dict, model=None) -> dict[str, Any]:
-    """What exactly was loaded, for the run manifest: source, hub id, revision (and the resolved commit
-    when `model` is given), local path, and the GGUF sha256 of an embedded model."""
-    cfg = _cfg(model_cfg)
-    info: dict[str, Any] = {"name": cfg.name, "source": cfg.source, "hub_id": cfg.get("hub_id"),
-                            "revision": cfg.get("revision"), "path": cfg.get("path"),
-                            "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
-    if cfg.source == "embedded" and cfg.name in EMBEDDED:
-        spec = EMBEDDED[cfg.name]
-        info.update(gguf_sha256=spec.sha256, gguf_bytes=spec.size, gguf_parts=[f"{p}/{r}" for p, r in spec.parts])
-    if cfg.source == "random":
-        info["random"] = OmegaConf.to_container(cfg.random, resolve=True)
-    adapter = Path(cfg.path) / "adapter_config.json" if cfg.get("path") else None
-    if adapter is not None and adapter.exists():
-        info["adapter_base"] = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    if model is not None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        info["resolved_commit"] = getattr(base.config, "_commit_hash", None)
-        info["parameters"] = sum(p.numel() for p in base.parameters())
-    return info
 
 
 def weights_source(model_cfg: DictConfig | dict) -> tuple[str, str | None]:
@@ -412,6 +387,9 @@ def _require_dir(cfg: DictConfig, path: Path) -> None:
     if not (path / "config.json").exists():
         raise UserError(f"model.path={str(path)!r} is not a model directory (no config.json or "
                         f"adapter_config.json); point it at a saved model or a `rrr train` checkpoint")
+    if (path / "sharded").is_dir() and not any(path.glob("*.safetensors")):
+        raise UserError(f"model.path={str(path)!r} is an FSDP step checkpoint (sharded/ only, for resuming); "
+                        "evaluate the run's checkpoints/final, which holds the weights in HF format")
 
 
 def _from_hub(cls, cfg: DictConfig, **kwargs):

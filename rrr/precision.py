@@ -50,3 +50,19 @@ def autocast(model):
     if compute in HALF and param.dtype == torch.float32:
         return torch.autocast(device_type=param.device.type, dtype=compute)
     return nullcontext()
+
+
+def load_for_training(model_cfg, finetune: str, *, for_training: bool = True):
+    """(model, tokenizer) stored as training keeps them: `model.dtype` is the compute dtype; under full
+    fine-tuning in bf16/fp16 the weights load in fp32 (the master weights AdamW updates) and the model is
+    marked to compute in `model.dtype` under autocast. LoRA: as `rrr.models.load_model`."""
+    from omegaconf import OmegaConf
+
+    from rrr.models import _cfg, load_model, resolve_device, resolve_dtype
+
+    cfg = _cfg(model_cfg)
+    compute = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    if master_dtype(compute, finetune) != compute:
+        cfg = OmegaConf.merge(cfg, {"dtype": "float32"})
+    model, tokenizer = load_model(cfg, for_training=for_training)
+    return set_compute_dtype(model, compute), tokenizer

@@ -10,13 +10,15 @@ With GPUS=N > 1 (one node; untested on real GPUs): a model whose bf16 weights fi
 vLLM per rank (data parallel); a larger one (the 70B-class comparators, evaluated only) runs as one
 process with `engine.tensor_parallel_size=T` and `engine.data_parallel_size=N/T`.
 
-Per trained model: collect-failures → train → evaluate vanilla → evaluate trained; per vanilla-only
-comparator: evaluate; per task: one compare. A stage whose output already exists is skipped, so an
+Per trained model: collect-failures → train → evaluate vanilla → evaluate trained → the forgetting check
+(paper Table 3: lm-eval's MMLU-Pro, GSM8K, HellaSwag, MATH on the vanilla model, once per model, and on
+the trained one); per vanilla-only comparator: evaluate; per task: one compare. A stage whose output already exists is skipped, so an
 interrupted run is continued by running the same command again (train resumes from its checkpoint).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +46,16 @@ BATCH_QUERIES = PAPER_FAILURES_PER_BATCH // GROUP_SIZE
 PARAMS_B = {"qwen2-1.5b": 1.5, "qwen2-7b": 7.6, "llama3.1-8b": 8.0, "phi3.5-mini": 3.8, "qwen2-72b": 72.7,
             "qwen2.5-1.5b": 1.5, "qwen2.5-3b": 3.1, "qwen2.5-7b": 7.6, "llama3.2-3b": 3.2,
             "qwen2.5-72b": 72.7, "llama3.1-70b": 70.6}
+
+
+# The forgetting check (`rrr forgetting`, lm-eval's HF wrapper: one process, one GPU). Documents and
+# generated-token budgets of the paper's four benchmarks in lm-eval's default configs (conf/forgetting):
+# (documents, max_gen_toks, choices scored per document for multiple-choice tasks).
+FORGETTING_COMMAND = "forgetting"
+LM_EVAL_TASKS = {"mmlu_pro": (12_032, 2048, 0),        # TIGER-Lab/MMLU-Pro test, generate_until (CoT)
+                 "gsm8k": (1_319, 256, 0),              # test, generate_until
+                 "hellaswag": (10_042, 0, 4),           # validation, multiple_choice: log-likelihoods only
+                 "hendrycks_math": (5_000, 256, 0)}     # test (7 subjects), generate_until
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,22 @@ def train_tokens(cfg: DictConfig) -> tuple[int, str]:
     return tokens, how
 
 
+def forgetting_tokens(cfg: DictConfig) -> tuple[int, str]:
+    """Generated tokens of the lm-eval tasks in `forgetting.tasks` (every generation to max_gen_toks; a
+    multiple-choice task generates nothing and scores its choices); `forgetting.limit` caps the documents."""
+    tokens, parts, limit = 0, [], cfg.forgetting.get("limit")
+    for task in cfg.forgetting.tasks:
+        if task not in LM_EVAL_TASKS:
+            parts.append(f"{task} unknown")
+            continue
+        docs, gen, choices = LM_EVAL_TASKS[task]
+        if limit is not None:
+            docs = min(docs, int(limit) if float(limit) >= 1 else math.ceil(float(limit) * docs))
+        tokens += docs * gen
+        parts.append(f"{task} {docs:,} × {gen}" if gen else f"{task} {docs:,} × {choices} choices scored")
+    return tokens, "lm-eval: " + " + ".join(parts)
+
+
 def evaluate_tokens(cfg: DictConfig, n_test: int) -> tuple[int, str]:
     """Attempt 1 for every query; as if every attempt 1 failed: a reflection + attempt 2, plus each control
     (best_of_2 = another attempt 1; the retry controls = another attempt 2)."""
@@ -177,6 +205,8 @@ def _estimate(task_overrides: tuple[str, ...], command: str, settings: tuple[str
         return collect_tokens(cfg, n_train)
     if command == "train":
         return train_tokens(cfg)
+    if command == FORGETTING_COMMAND:
+        return forgetting_tokens(cfg)
     return evaluate_tokens(cfg, n_test)
 
 
@@ -212,6 +242,13 @@ def _evaluate(matrix: TaskMatrix, model: str, run: Path, label: str, paths: list
                   [*paths, f"run_dir={out}"], out / "summary.json", hw)
 
 
+def _forgetting(matrix: TaskMatrix, model: str, out: Path, label: str, paths: list[str]) -> Stage:
+    """lm-eval on one model (one GPU: lm-eval's HF wrapper is a single process, whatever GPUS says)."""
+    tokens, how = _estimate(matrix.overrides, FORGETTING_COMMAND, (), matrix.source_rows)
+    return Stage(f"forgetting-{label}", matrix.task, model, FORGETTING_COMMAND,
+                 (f"model={model}", *paths, f"run_dir={out}"), out / "summary.json", tokens, how)
+
+
 def task_plan(matrix: TaskMatrix, root: Path, hw: Hardware = Hardware()) -> list[Stage]:
     stages: list[Stage] = []
     for model in matrix.trained:
@@ -227,10 +264,14 @@ def task_plan(matrix: TaskMatrix, root: Path, hw: Hardware = Hardware()) -> list
                    [f"train.failures={failures}", f"run_dir={train}"], train / "checkpoints" / "final", hw),
             _evaluate(matrix, model, run, "vanilla", [], hw),
             _evaluate(matrix, model, run, "trained", [f"model.path={train / 'checkpoints' / 'final'}"], hw),
+            # the vanilla model's forgetting run does not depend on the task: one per model (paper_plan)
+            _forgetting(matrix, model, root / "forgetting" / model / "vanilla", "vanilla", []),
+            _forgetting(matrix, model, run / "forgetting-trained", "trained",
+                        [f"model.path={train / 'checkpoints' / 'final'}"]),
         ]
     stages += [_evaluate(matrix, model, root / matrix.task / model, "vanilla", [], hw)
                for model in matrix.comparators]
-    eval_dirs = [str(s.output.parent) for s in stages if s.command == "evaluate"]
+    eval_dirs = [str(s.output.parent) for s in stages if s.command in ("evaluate", FORGETTING_COMMAND)]
     out = root / matrix.task / "compare"
     stages.append(Stage("compare", matrix.task, None, "compare", (*eval_dirs, "--out", str(out)),
                         out / "report.md", 0, "tables and plots only", gpus=0))
@@ -238,7 +279,11 @@ def task_plan(matrix: TaskMatrix, root: Path, hw: Hardware = Hardware()) -> list
 
 
 def paper_plan(root: Path = Path("outputs/paper"), hw: Hardware = Hardware()) -> list[Stage]:
-    return [stage for matrix in PAPER_MATRIX for stage in task_plan(matrix, root, hw)]
+    """Every task's stages in order; a stage planned twice (a model's vanilla forgetting run, when the
+    model is trained on both tasks) runs once, where it first appears."""
+    stages = [stage for matrix in PAPER_MATRIX for stage in task_plan(matrix, root, hw)]
+    return [s for i, s in enumerate(stages) if s.command == "compare" or
+            s.output not in {t.output for t in stages[:i]}]
 
 
 # ---------------------------------------------------------------- printing and running

@@ -144,3 +144,28 @@ def min_detectable_effect(se: float, alpha: float = 0.05, power: float = 0.8) ->
     """The true effect a two-sided level-α test detects with probability `power`, given the SE of the
     estimate: (z_{1−α/2} + z_{power}) · SE (≈ 2.80 · SE at α = 0.05, 80% power)."""
     return (z_quantile(1 - alpha / 2) + z_quantile(power)) * float(se)
+
+
+# ----------------------------------------------------------------------------- NaN-aware summaries
+
+def paired_delta(a: Sequence[float], b: Sequence[float], clusters: Sequence, n_boot: int,
+                 seed: int) -> dict:
+    """mean(a − b) over the failures scorable in both, its CI (queries resampled), the cluster-robust
+    SE and the minimum detectable effect at 80% power from that SE."""
+    a, b, clusters = np.asarray(a, float), np.asarray(b, float), np.asarray(clusters)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    if not keep.any():
+        return {"delta": None, "ci": [None, None], "se": None, "mde": None, "n": 0}
+    d, lo, hi = paired_cluster_bootstrap_diff(a[keep], b[keep], clusters[keep], n_boot=n_boot, seed=seed)
+    se = clustered_se(a[keep] - b[keep], clusters[keep])
+    return {"delta": d, "ci": [lo, hi], "se": se, "mde": min_detectable_effect(se), "n": int(keep.sum())}
+
+
+def clustered_rate(values: Sequence[float], clusters: Sequence, n_boot: int, seed: int) -> dict:
+    """Mean of the non-NaN `values` (NaN = unscorable), its cluster-bootstrap CI, SE and count."""
+    x, c = np.asarray(values, float), np.asarray(clusters)
+    keep = ~np.isnan(x)
+    if not keep.any():
+        return {"mean": None, "ci": [None, None], "se": None, "n": 0}
+    mean, lo, hi = cluster_bootstrap_mean(x[keep], c[keep], n_boot=n_boot, seed=seed)
+    return {"mean": mean, "ci": [lo, hi], "se": clustered_se(x[keep], c[keep]), "n": int(keep.sum())}

@@ -37,6 +37,10 @@ def rollout_stats(groups: Sequence[Sequence[Any]], rewards: torch.Tensor) -> dic
     return stats
 
 
+# metrics row keys that measure the machine, not the training: they differ between equal runs
+TIMING_KEYS = frozenset({"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"})
+
+
 def step_metrics(step: int, task, queries, groups, rewards: torch.Tensor, advantages: torch.Tensor,
                  update: dict[str, float], zero_std: torch.Tensor, attempt1: dict[str, Any], verifier,
                  *, lr: float, gen_s: float, sync_s: float, t0: float, draws: int = 1):

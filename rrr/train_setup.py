@@ -19,6 +19,7 @@ from rrr import fsdp, shared_prefix, sync
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.tasks import Example
+from rrr.errors import library_errors
 from rrr.validate import check as check_settings, check_logger
 
 COMMAND = "train"
@@ -67,14 +68,16 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(cfg: DictConfig):
-    from rrr.models import apply_lora, load_for_training, merge_adapter
+    from rrr.models import apply_lora, merge_adapter
+    from rrr.precision import load_for_training
 
     malloc_mmap_threshold(int(cfg.train.malloc_mmap_threshold_mb * 2**20))
     model, tokenizer = load_for_training(cfg.model, cfg.train.finetune)   # full + bf16: fp32 master weights
     if cfg.train.finetune == "full":
         model = merge_adapter(model)                 # model.path = an adapter: train all weights of base + adapter
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with library_errors(f"gradient checkpointing on model {cfg.model.name}", "train.gradient_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.finetune == "lora":
         model = apply_lora(model, cfg.model)
     if tokenizer.pad_token_id is None:
@@ -82,7 +85,8 @@ def build_policy(cfg: DictConfig):
     if cfg.train.shared_prefix:
         shared_prefix.check_model(model)     # an attention a 4D mask cannot express: refused before any step
     if cfg.train.parallel == "fsdp":
-        model = fsdp.shard(model)
+        with library_errors(f"sharding model {cfg.model.name} with FSDP2", "train.parallel=fsdp (and model.*)"):
+            model = fsdp.shard(model)
     return model, tokenizer
 
 
@@ -169,11 +173,11 @@ def build_engine(cfg: DictConfig, model, tokenizer):
 
 def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """What must not change when a run is resumed: anything that changes the steps still to come
-    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.shared_prefix` (how the
-    same log-probs are computed, not which), `log.*` and `logger.*` may."""
+    (`train.steps` too: it sets the LR schedule). Only `train.save_every`, `train.keep_checkpoints`,
+    `train.shared_prefix` (how the same log-probs are computed, not which), `log.*` and `logger.*` may."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    train.pop("save_every")
-    train.pop("shared_prefix", None)
+    for key in ("save_every", "keep_checkpoints", "shared_prefix"):
+        train.pop(key, None)
     return {"task": OmegaConf.to_container(cfg.task, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
@@ -182,7 +186,7 @@ def resume_fingerprint(cfg: DictConfig) -> dict[str, Any]:
 
 def train_manifest(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, Any]:
     from rrr.provenance import examples_sha256
-    from rrr.models import model_provenance
+    from rrr.model_info import model_provenance
 
     return {"resume_fingerprint": resume_fingerprint(cfg),
             "failures": str(cfg.train.failures), "failure_queries": len(examples),

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from rrr import checkpoint as ckpt
 from rrr import distributed as dist
-from rrr import fsdp, grpo, rollout, shared_prefix, sync
+from rrr import fsdp, grpo, preemption, rollout, shared_prefix, sync
 from rrr.engines.base import Sample, SamplingParams, derive_seed
 from rrr.episode import Episode, collate
 from rrr.failure_set import FailureCursor, check_stored_prompts, load_failure_set
@@ -110,6 +110,7 @@ def run(cfg: DictConfig) -> Path:
 
     for step in range(start + 1, t.steps + 1):
         t0 = time.time()
+        dist.at_step(step)                           # named by a collective that times out
         # ----------------------------------------------------------------- ALGO: reflect, retry, reward
         ctx = ctx.for_step()
         if t.zero_std == "dynamic":       # draw further failed queries until batch_queries groups are mixed
@@ -153,6 +154,12 @@ def run(cfg: DictConfig) -> Path:
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if step % t.save_every == 0:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
+            ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)      # train.keep_checkpoints
+        if step < t.steps and preemption.requested_everywhere():             # SIGTERM/SIGUSR1: save, exit 75
+            if step % t.save_every:
+                save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
+                ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)
+            raise preemption.Preempted(run_dir, f"checkpoint step_{step:05d} written")
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, t.steps, cursor, logger)
     rundir.finish(final_checkpoint=str(final))        # rank 0 writes it

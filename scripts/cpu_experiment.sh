@@ -2,7 +2,7 @@
 # make cpu-experiment: the pre-registered CPU science run (docs/results.md, first section), <= 2 h here.
 #   1. collect training failures (live_simple, train split)        2. collect held-out failures (test split)
 #   3. train with dynamic sampling                                  4./5. failure-eval vanilla, then trained
-#   6. the paired comparison over held-out failures (failure_eval.md), and the usual compare report
+#   6. rrr compare: the paired comparison over the held-out failures
 # Settings: conf/experiment/cpu-experiment.yaml. Any stage can be resumed by re-running the script with the
 # same OUT (every stage resumes its own run dir).
 set -euo pipefail
@@ -62,6 +62,6 @@ else
 fi
 eval_trained
 stage "6. the pre-registered comparisons"
-$PY -m rrr.failure_eval "$OUT/fe-vanilla" "$OUT/fe-trained" "$OUT/report"
-printf '\nDone in %ds. Comparisons: %s/report/failure_eval.md; training curves: %s/train/metrics.jsonl\n' \
+$RRR compare "$OUT/fe-vanilla" "$OUT/fe-trained" --out "$OUT/report"
+printf '\nDone in %ds. Comparisons: %s/report/report.md (failure_eval.json); training curves: %s/train/metrics.jsonl\n' \
   $(( $(date +%s) - start )) "$OUT" "$OUT"

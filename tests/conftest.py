@@ -16,6 +16,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _transformers_logs_to_the_session_stderr():
+    """transformers binds its log handler to sys.stderr on first use; were that inside a CliRunner
+    invocation, a later warning would write to CliRunner's closed stream ("--- Logging error ---" in
+    the output of whichever CLI test logs next). Bind it once, to the session's stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The SmolLM2-135M-Instruct tokenizer (chat template, eos = pad = <|im_end|>), from the embedded GGUF."""

@@ -127,3 +127,53 @@ def test_saved_checkpoint_loads_with_plain_transformers_and_peft(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(path))
     with torch.no_grad():
         assert torch.equal(full(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+class FakeCuda:
+    """`n` visible CUDA devices, faked below torch's own get/set_rng_state_all (which stay real): the
+    per-device functions and device_count of torch.cuda.random. Setting a device that does not exist
+    raises IndexError, as `torch.cuda.default_generators[idx]` does."""
+
+    def __init__(self, monkeypatch, n: int):
+        self.n, self.states = n, {i: torch.full((16,), i, dtype=torch.uint8) for i in range(n)}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.n)
+        monkeypatch.setattr(torch.cuda.random, "device_count", lambda: self.n)
+        monkeypatch.setattr(torch.cuda.random, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda.random, "set_rng_state", self.set)
+
+    def get(self, device="cuda"):
+        return self.states[int(device) if not isinstance(device, str) else 0].clone()
+
+    def set(self, state, device="cuda"):
+        if int(device) >= self.n:
+            raise IndexError("tuple index out of range")
+        self.states[int(device)] = state.clone()
+
+
+@pytest.mark.parametrize("devices_then, devices_now", [(4, 2), (2, 0), (2, 2)])
+def test_resume_with_fewer_visible_devices(tmp_path, monkeypatch, capsys, devices_then, devices_now):
+    """Saved where 4 (2) GPUs were visible, resumed where 2 (none) are: the checkpoint loads, the CPU RNG
+    is restored, and the CUDA RNG is skipped with a note; with the same count it is restored."""
+    from rrr.checkpoint import load_latest_checkpoint
+
+    model = lora(tiny_llama())
+    opt, sched = train_parts(model)
+    cuda = FakeCuda(monkeypatch, devices_then)
+    save_checkpoint(tmp_path, "step_00001", model=model, tokenizer=None, optimizer=opt, scheduler=sched,
+                    step=1, cursor={"index": 2}, wandb_run_id=None)
+    draws = (random.random(), np.random.rand(), torch.rand(1))
+    cuda.n, cuda.states = devices_now, {i: torch.zeros(16, dtype=torch.uint8) for i in range(devices_now)}
+    if devices_now == 0:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    resume = load_latest_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched)
+    assert resume is not None and resume.step == 1 and resume.cursor == {"index": 2}
+    assert (random.random(), np.random.rand(), torch.rand(1)) == draws
+    err = capsys.readouterr().err
+    assert "cannot be loaded" not in err
+    if devices_then == devices_now:
+        assert [int(s[0]) for s in cuda.states.values()] == list(range(devices_now))   # restored per device
+        assert "CUDA RNG not restored" not in err
+    else:
+        assert f"CUDA RNG of {devices_then} device(s), this process sees {devices_now}" in err
+        assert all(int(s.sum()) == 0 for s in cuda.states.values())                   # left alone

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from rrr import failure_eval
+from rrr.report import failures as failure_report
 from rrr.cli import app
 from rrr.config import compose
 from rrr.train_setup import validate as validate_train
@@ -33,7 +34,7 @@ TRAINED_CONTROLS = "eval.controls=[retry_no_reflection]"     # what the script g
 def test_the_headline_comparisons_are_computable_from_the_runs_controls():
     conditions = {"vanilla": failure_eval.conditions_of(preset()),
                   "trained": failure_eval.conditions_of(preset(TRAINED_CONTROLS))}
-    for ma, a, mb, b in failure_eval.HEADLINE:
+    for ma, a, mb, b in failure_report.HEADLINE:
         assert a in conditions[ma] and b in conditions[mb], (ma, a, mb, b)
     trained_stage = next(line for line in (ROOT / "scripts" / "cpu_experiment.sh").read_text().split("\n$RRR")
                          if "fe-trained" in line)
@@ -56,3 +57,11 @@ def test_results_md_preregisters_the_preset_sizes():
     assert f"R = {cfg.eval.reflections_per_failure}" in text
     assert f"{cfg.eval.failures_limit} failures" in text
     assert f"{cfg.train.steps} updates" in text
+
+
+def test_every_variable_the_script_reads_is_set_in_it():
+    """The script runs under `set -u`: a variable read but never set stops it (a merge once dropped PY=)."""
+    script = (ROOT / "scripts" / "cpu_experiment.sh").read_text()
+    used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", script)) - {"BASHPID"}
+    defined = set(re.findall(r"^\s*(?:export\s+)?([A-Z][A-Z0-9_]*)=", script, re.M))
+    assert used <= defined, used - defined

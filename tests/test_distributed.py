@@ -14,13 +14,14 @@ from safetensors.torch import load_file
 
 from fakes import dist_workers
 from fakes import trainer as trainer_fakes
+from rrr.train_log import TIMING_KEYS
 from rrr import distributed, trainer
 from rrr.checkpoint import latest_checkpoint
 from rrr.run_lock import unlock_run_dir
 from rrr.config import compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
+TIMING = TIMING_KEYS
 # max |w_1 − w_2| after 4 steps, fp32: only the order of float sums differs (micro-batches and the
 # all-reduce), and Adam's m/√v turns a rounding difference in a near-zero gradient entry into a visible
 # update difference; measured 8e-6 at lr 0.01, where steps 3-4 alone move weights by ~1e-2.
@@ -213,6 +214,13 @@ def test_fsdp_two_ranks_give_the_single_process_full_fine_tune(tmp_path, failure
         shutil.rmtree(two / "checkpoints" / name)
     dist_workers.spawn(dist_workers.train, 2, train_overrides(failures, two, *full, "train.parallel=fsdp"))
     assert_same_run(one, two, weights="model.safetensors")
+    # the step-2 checkpoint holds 2 ranks' shards (torch.distributed.checkpoint): 1 rank resumes it too
+    assert sorted(p.name for p in (two / "checkpoints" / "step_00002" / "sharded").glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    for name in ("step_00004", "final"):
+        shutil.rmtree(two / "checkpoints" / name)
+    dist_workers.spawn(dist_workers.train, 1, train_overrides(failures, two, *full, "train.parallel=fsdp"))
+    assert_same_run(one, two, weights="model.safetensors")
 
 
 def test_fsdp_settings_fail_with_one_line(failures, tmp_path):
@@ -317,3 +325,88 @@ def test_sigkill_of_one_rank_under_torchrun_then_resume_gives_the_single_process
     assert done.stdout.count("resuming") == 1
     # save_every differs from the straight run (1 vs 2): it may change on resume and changes nothing else
     assert_same_run(straight, run)
+
+
+def test_a_collective_one_rank_skips_fails_fast_naming_the_rank_and_step(tmp_path):
+    """gloo, 2 ranks, dist.timeout_s=5 (via RRR_DIST_TIMEOUT_S): rank 1 skips step 3's all-reduce; rank 0
+    gets one line naming itself, the step and the collective after ~5 s, not after torch's 30 min."""
+    out = tmp_path / "message.txt"
+    dist_workers.spawn(dist_workers.skip_collective, 2, str(out))
+    waited, message = out.read_text().splitlines()
+    assert 4.5 <= float(waited) < 30
+    assert message.startswith("rank 0 of 2: all_reduce_sum at step 3 timed out after 5 s: another rank never joined")
+
+
+def test_the_timeout_comes_from_the_config_and_is_checked(monkeypatch):
+    import datetime
+
+    from rrr.config import ConfigError
+
+    seen = {}
+    monkeypatch.setitem(distributed._state, "timeout_s", distributed._state["timeout_s"])   # restored after
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: seen.update(t=timeout))
+    monkeypatch.setattr(distributed, "active", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RRR_DIST_TIMEOUT_S", "77")
+    assert compose([]).dist.timeout_s == 600
+    distributed.init(compose(["dist.timeout_s=42"]).dist.timeout_s)
+    assert seen["t"] == datetime.timedelta(seconds=42)
+    distributed.init(None)                                       # no config value: the environment's
+    assert seen["t"] == datetime.timedelta(seconds=77)
+    with pytest.raises(ConfigError, match="dist.timeout_s=0 must be a number of seconds > 0"):
+        distributed.init(0)
+
+
+def test_a_timeout_inside_a_library_collective_is_one_line_at_the_cli(monkeypatch):
+    """FSDP's own collectives are not wrapped: the CLI turns their timeout into the same line."""
+    from typer.testing import CliRunner
+
+    from rrr.cli import app
+
+    def hang(cfg):
+        distributed.at_step(2)
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms for recv operation")
+
+    monkeypatch.setattr(trainer, "run", hang)
+    monkeypatch.setitem(distributed._state, "step", None)
+    result = CliRunner().invoke(app, ["train", "task=countdown", "model=tiny-random"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: rank 0 of 1: a collective at step 2 timed out after 600 s" in result.output
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_on_another_rank_count(tmp_path):
+    """train.parallel=fsdp writes each rank's shards (torch.distributed.checkpoint), no gathered optimizer;
+    2 ranks and 1 rank read back the same weights and AdamW moments; `final` also loads as an HF model."""
+    from transformers import AutoModelForCausalLM
+
+    root = str(tmp_path)
+    dist_workers.spawn(dist_workers.sharded_checkpoint, 2, root, "save")
+    step = tmp_path / "checkpoints" / "step_00001"
+    shards = sorted(p.name for p in (step / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(step / "sharded")).read_metadata().state_dict_metadata.keys()
+    assert "model.model.embed_tokens.weight" in keys and "model.lm_head.weight" not in keys   # tied: once
+    assert not list(step.glob("*.safetensors")) and (step / "config.json").exists()
+    assert torch.load(step / "trainer_state.pt", weights_only=False)["optimizer"] is None
+    saved = torch.load(tmp_path / "save-2.pt", weights_only=False)
+    for world in (2, 1):
+        dist_workers.spawn(dist_workers.sharded_checkpoint, world, root, "load")
+        loaded = torch.load(tmp_path / f"load-{world}.pt", weights_only=False)
+        for k, v in saved["weights"].items():
+            assert torch.equal(loaded["weights"][k], v), (world, k)
+        assert saved["optim"].keys() == loaded["optim"].keys()
+        for k, moments in saved["optim"].items():
+            for m in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(loaded["optim"][k][m], moments[m]), (world, k, m)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "final")
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, saved["weights"][k]), k
+
+
+def test_the_fsdp_sampler_copy_is_gathered_parameter_by_parameter(tmp_path):
+    out = tmp_path / "ok"
+    dist_workers.spawn(dist_workers.gathered_copy, 2, str(out))
+    assert [Path(f"{out}.{r}").read_text() for r in (0, 1)] == ["True", "True"]

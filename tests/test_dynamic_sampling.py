@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fakes import trainer as trainer_fakes
+from rrr.train_log import TIMING_KEYS
 from rrr import grpo, train_log, trainer
 from rrr.config import UserError, compose
 from rrr.failure_set import FailureCursor
@@ -165,7 +166,7 @@ def test_bad_dynamic_settings_are_user_errors(tmp_path, override, message):
 
 # ----------------------------------------------------------------------------- a real (tiny) run
 
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
+TIMING = TIMING_KEYS
 
 
 def dynamic_config(failures, run, *extra):

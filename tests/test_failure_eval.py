@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 
 import rrr.failure_eval as fe
+import rrr.report.failures as report
+from rrr.report import run as compare
 import rrr.failures as failures
 from fakes.failures import CrashingEngine, FakeEngine, FakeTask, fake_rollout, make_examples
 from rrr.config import UserError, compose
@@ -31,6 +33,9 @@ SOLVE = [
 
 
 class StrictTask(FakeTask):
+    def answer_in(self, example, text):             # q002's reflections leak an answer
+        return example.fields["q"] == 2 and text.startswith("r ")
+
     def verify_strict(self, example, completion):
         ok = self.verify(example, completion).correct and not completion.endswith(":0")
         return Verdict(ok, "ok" if ok else "format")
@@ -71,6 +76,11 @@ def test_fix_rates_are_means_of_R_retries_per_condition(fake, tmp_path, capsys):
     assert df.generic_reflection_fix_rate.tolist() == [0.0, 1.0, 0.25]
     assert [list(x) for x in df.reflection_correct] == [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     assert [len(x) for x in df.reflection_tokens] == [R] * 3
+    # the reflections and the retries after them are kept apart
+    assert list(df.reflection_texts[0]) == ["r " * 7] * R
+    assert list(df.reflection_attempt2_texts[0]) == [f"attempt2:model:{g}" for g in range(R)]
+    assert list(df.best_of_2_attempt2_texts[0]) == [f"best_of_2:{g}" for g in range(R)]
+    assert [list(x) for x in df.reflection_leak] == [[False] * R, [True] * R, [False] * R]
     # strict: retry 0 is never in the leaderboard format here
     assert df.reflection_strict_fix_rate.tolist() == [0.5, 0.0, 0.0]
     s = json.loads((run / "summary.json").read_text())
@@ -81,6 +91,7 @@ def test_fix_rates_are_means_of_R_retries_per_condition(fake, tmp_path, capsys):
     assert d["delta"] == pytest.approx((0.5 + 0 - 0.5) / 3) and d["n"] == 3
     assert d["mde"] == pytest.approx(min_detectable_effect(clustered_se([0.5, 0.0, -0.5], [1, 2, 3])))
     assert s["failure_set"]["held_out"] == "held-out: test split" and s["failure_set"]["vanilla"]
+    assert s["reflection"]["leak_share"] == pytest.approx(1 / 3) and s["reflection"]["tokens_mean"] == 7
     out = capsys.readouterr().out
     assert "3 failures of 3 queries (held-out: test split) · R = 4" in out and "33.3" in out
 
@@ -106,14 +117,30 @@ def test_vanilla_and_trained_see_the_same_failures_and_seeds(fake, tmp_path):
     assert fake.engine.seeds == seeds and fake.engine.prompts == prompts
     manifest = json.loads((trained / "manifest.json").read_text())
     assert manifest["model_label"] == "trained" and manifest["train_run"] == str(tmp_path / "train")
-    comparison = fe.compare_dirs(vanilla, trained, n_boot=200)
+    comparison = report.compare_dirs(vanilla, trained, n_boot=200)
     head = comparison["headline"][0]
     assert (head["a"], head["b"], head["delta"], head["n"]) == ("trained reflection", "vanilla reflection", 0.0, 3)
     assert len(fake.checked) == 2           # each run checked the stored prompts against the rebuilt ones
-    lines = fe.write_comparison(vanilla, trained, tmp_path / "report")
-    saved = json.loads((tmp_path / "report" / "failure_eval.json").read_text())
-    assert saved["n_failures"] == 3 and saved["vanilla"] == str(vanilla)
-    assert (tmp_path / "report" / "failure_eval.md").read_text().splitlines()[1] == lines[0]
+
+
+
+def test_rrr_compare_puts_the_held_out_failure_comparison_first(fake, tmp_path, capsys):
+    vanilla = fe.run(cfg_for(fake, tmp_path / "v"))
+    trained = fe.run(cfg_for(fake, tmp_path / "t", f"++model.path={tmp_path}/train/checkpoints/final"))
+    capsys.readouterr()
+    out = compare([trained, vanilla], tmp_path / "report", n_boot=200)
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("run dir:")]
+    assert printed[0] == "Held-out failures: 3 failures of 3 queries (fix rate = mean of R retries per failure; " \
+        "95% CIs resample queries; pp)"
+    assert printed[3].startswith("  vanilla  strict (leaderboard format): reflection 16.7")
+    assert printed[5].startswith("  trained reflection − vanilla reflection: +0.0 [+0.0, +0.0]")
+    md = (out / "report.md").read_text().splitlines()
+    assert md[0] == "# Held-out failures (rrr failure-eval)" and md[3] == printed[0]
+    saved = json.loads((out / "failure_eval.json").read_text())
+    assert (saved["n_failures"], saved["vanilla"], saved["trained"]) == (3, str(vanilla), str(trained))
+    with pytest.raises(UserError, match="one vanilla and one trained"):
+        compare([vanilla, vanilla], tmp_path / "report2", n_boot=50)
+    assert not (tmp_path / "report2").exists()
 
 
 def test_resume_after_a_crash_repeats_no_failure(fake, tmp_path):
@@ -157,7 +184,7 @@ def test_compare_runs_headline_deltas_and_mde():
                      "best_of_2": [0.25, 0.25, 0.0, 0.0, 0.5]}, queries)
     trained = frame({"reflection": [0.5, 0.25, 0.75, 0.25, 0.25], "retry_no_reflection": [0.25] * 5,
                      "best_of_2": [0.0] * 5}, queries)
-    c = fe.compare_runs(vanilla, trained, n_boot=300)
+    c = report.compare_runs(vanilla, trained, n_boot=300)
     assert (c["n_failures"], c["n_queries"]) == (5, 4)
     h = {(x["a"], x["b"]): x for x in c["headline"]}
     primary = h[("trained reflection", "vanilla reflection")]
@@ -169,7 +196,7 @@ def test_compare_runs_headline_deltas_and_mde():
     assert h[("trained reflection", "vanilla best_of_2")]["delta"] == pytest.approx(0.4 - 0.2)
     assert c["trained_minus_vanilla"]["best_of_2"]["delta"] == pytest.approx(-0.2)
     assert c["fix_rate"]["vanilla"]["reflection"]["mean"] == pytest.approx(0.2)
-    lines = fe.report_lines(c)
+    lines = report.report_lines(c)
     assert lines[0].startswith("Held-out failures: 5 failures of 4 queries")
     assert "vanilla" in lines[1] and "reflection 20.0" in lines[1]
     assert lines[3].startswith("  trained reflection − vanilla reflection: +20.0 [")
@@ -180,7 +207,7 @@ def test_compare_runs_headline_deltas_and_mde():
 def test_report_carries_the_strict_fix_rates_beside_the_lenient_ones():
     v = frame({"reflection": [0.5, 0.0]}, ["a", "b"]).assign(reflection_strict_fix_rate=[0.25, 0.0])
     t = frame({"reflection": [0.5, 0.5]}, ["a", "b"]).assign(reflection_strict_fix_rate=[0.5, 0.0])
-    lines = fe.report_lines(fe.compare_runs(v, t, n_boot=50))
+    lines = report.report_lines(report.compare_runs(v, t, n_boot=50))
     assert lines[3] == "  vanilla  strict (leaderboard format): reflection 12.5"
     assert lines[4] == "  trained  strict (leaderboard format): reflection 25.0"
     assert lines[5].startswith("  trained reflection − vanilla reflection: +25.0")
@@ -190,28 +217,28 @@ def test_compare_runs_drops_unscorable_failures_and_says_shown_only_when_ci_excl
     queries = ["a", "b", "c", "d"]
     vanilla = frame({"reflection": [0.0, 0.0, 0.0, np.nan]}, queries)
     trained = frame({"reflection": [1.0, 1.0, 1.0, 1.0]}, queries)
-    c = fe.compare_runs(vanilla, trained, n_boot=200)
+    c = report.compare_runs(vanilla, trained, n_boot=200)
     primary = c["headline"][0]
     assert primary["n"] == 3 and primary["delta"] == 1.0 and primary["ci"] == [1.0, 1.0]
-    assert "(shown; n = 3)" in fe.report_lines(c)[3]
-    same = fe.compare_runs(vanilla, vanilla, n_boot=200)
-    assert "(not shown; n = 3)" in fe.report_lines(same)[3]
+    assert "(shown; n = 3)" in report.report_lines(c)[3]
+    same = report.compare_runs(vanilla, vanilla, n_boot=200)
+    assert "(not shown; n = 3)" in report.report_lines(same)[3]
 
 
 def test_compare_dirs_refuses_runs_that_are_not_paired(fake, tmp_path):
     a = fe.run(cfg_for(fake, tmp_path / "a"))
     b = fe.run(cfg_for(fake, tmp_path / "b", "eval.reflections_per_failure=2"))
     with pytest.raises(UserError, match="differ in R"):
-        fe.compare_dirs(a, b)
+        report.compare_dirs(a, b)
     with pytest.raises(UserError, match="not a failure-eval run"):
-        fe.compare_dirs(a, fake.failures)
+        report.compare_dirs(a, fake.failures)
 
 
 def test_each_run_may_carry_only_the_controls_its_comparisons_need():
     queries = ["a", "b", "c"]
     vanilla = frame({"reflection": [0.0, 0.25, 0.5], "best_of_2": [0.5, 0.5, 0.5]}, queries)
     trained = frame({"reflection": [0.5, 0.5, 0.5], "retry_no_reflection": [0.25, 0.25, 0.25]}, queries)
-    c = fe.compare_runs(vanilla, trained, n_boot=100)
+    c = report.compare_runs(vanilla, trained, n_boot=100)
     assert [(h["a"], h["b"]) for h in c["headline"]] == [
         ("trained reflection", "vanilla reflection"), ("trained reflection", "trained retry_no_reflection"),
         ("trained reflection", "vanilla best_of_2")]
@@ -222,4 +249,4 @@ def test_each_run_may_carry_only_the_controls_its_comparisons_need():
 
 def test_compare_runs_refuses_different_failures():
     with pytest.raises(UserError, match="different failures"):
-        fe.compare_runs(frame({"reflection": [0.0]}, ["a"]), frame({"reflection": [0.0]}, ["b"]))
+        report.compare_runs(frame({"reflection": [0.0]}, ["a"]), frame({"reflection": [0.0]}, ["b"]))

@@ -15,8 +15,8 @@ import rrr.models as models
 from rrr.config import UserError, compose, group_options
 from rrr.engines import SamplingParams
 from rrr.engines.hf import HFEngine
-from rrr.models import (EmbeddedGGUF, apply_lora, load_model, load_tokenizer_only, model_provenance,
-                        resolve_dtype, weights_source)
+from rrr.model_info import model_provenance
+from rrr.models import EmbeddedGGUF, apply_lora, load_model, load_tokenizer_only, resolve_dtype, weights_source
 
 HUB_MODELS = {"qwen2-1.5b", "qwen2-7b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "llama3.1-8b",
               "llama3.2-3b", "phi3.5-mini", "qwen2-72b", "qwen2.5-72b", "llama3.1-70b"}

@@ -26,12 +26,14 @@ def _stages_of(plan, task, model):
 def test_every_model_has_its_stages_on_its_task(plan):
     for task in TRAINED:
         for model in TRAINED[task]:
-            assert _stages_of(plan, task, model) == ["collect", "train", "evaluate-vanilla", "evaluate-trained"]
+            vanilla = ["forgetting-vanilla"] if (task, model) != ("countdown", "llama3.1-8b") else []  # once
+            assert _stages_of(plan, task, model) == ["collect", "train", "evaluate-vanilla", "evaluate-trained",
+                                                     *vanilla, "forgetting-trained"]
         for model in COMPARATORS[task]:
             assert _stages_of(plan, task, model) == ["evaluate-vanilla"]  # comparators are never trained
         models = {s.model for s in plan if s.task == task and s.model}
         assert models == TRAINED[task] | COMPARATORS[task]
-        for s in (s for s in plan if s.task == task and s.model):
+        for s in (s for s in plan if s.task == task and s.model and s.command != "forgetting"):
             assert f"task={task}" in s.args and SOURCE[task] in s.args and "engine=vllm" in s.args
 
 
@@ -56,7 +58,11 @@ def test_one_compare_per_task_over_all_its_evaluations(plan):
     assert [s.task for s in compares] == ["function_calling", "countdown"]
     for c in compares:
         evals = [str(s.output.parent) for s in plan if s.task == c.task and s.command == "evaluate"]
-        assert list(c.args[:-2]) == evals and c.args[-2] == "--out"
+        forgetting = [str(s.output.parent) for s in plan if s.task == c.task and s.command == "forgetting"]
+        if c.task == "countdown":          # llama3.1-8b's vanilla forgetting run was planned under function_calling
+            forgetting.append("outputs/paper/forgetting/llama3.1-8b/vanilla")
+        assert sorted(c.args[:-2]) == sorted(evals + forgetting) and c.args[-2] == "--out"
+        assert len(set(c.args[:-2])) == len(c.args[:-2])
         assert plan.index(c) > max(plan.index(s) for s in plan if s.task == c.task and s.command == "evaluate")
 
 
@@ -74,9 +80,29 @@ def test_token_bounds_follow_the_composed_config(plan):
     assert all(s.tokens > 0 for s in plan if s.command != "compare")
 
 
+def test_forgetting_stage_runs_lm_eval_on_vanilla_once_and_on_each_trained_model(plan):
+    """Paper Table 3: MMLU-Pro, GSM8K, HellaSwag, MATH before and after training, on one GPU each."""
+    by = {(s.task, s.model, s.name): s for s in plan}
+    vanilla = by["function_calling", "llama3.1-8b", "forgetting-vanilla"]
+    trained = [by[t, "llama3.1-8b", "forgetting-trained"] for t in ("function_calling", "countdown")]
+    train = [by[t, "llama3.1-8b", "train"] for t in ("function_calling", "countdown")]
+    assert [s.output for s in plan if s.name == "forgetting-vanilla" and s.model == "llama3.1-8b"] == [vanilla.output]
+    assert vanilla.args == ("model=llama3.1-8b", "run_dir=outputs/paper/forgetting/llama3.1-8b/vanilla")
+    for s, t in zip(trained, train):
+        assert s.command == "forgetting" and f"model.path={t.output}" in s.args and s.output.name == "summary.json"
+        assert plan.index(s) > plan.index(t)
+    assert compose(list(vanilla.args)).forgetting.tasks == ["mmlu_pro", "gsm8k", "hellaswag", "hendrycks_math"]
+    assert vanilla.tokens == 12_032 * 2048 + 1_319 * 256 + 5_000 * 256          # hellaswag scores, generates 0
+    assert "hellaswag 10,042 × 4 choices scored" in vanilla.tokens_how
+    big = reproduce.paper_plan(Path("outputs/paper"), reproduce.Hardware(gpus=8))
+    assert {(s.gpus, s.ranks) for s in big if s.command == "forgetting"} == {(1, 1)}   # lm-eval: one process
+    cfg = compose(["forgetting.limit=100"])
+    assert reproduce.forgetting_tokens(cfg)[0] == 100 * 2048 + 100 * 256 + 100 * 256
+
+
 def test_commands_of_one_model_per_kind_compose(plan):
     sample = [s for s in plan if s.model in ("qwen2-1.5b", "qwen2.5-72b")]
-    assert len(sample) == 5
+    assert len(sample) == 7
     reproduce.validate(sample)
 
 
@@ -91,7 +117,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(monkeypatch, capsys):
     reproduce.main()
     out = capsys.readouterr().out
     commands = [ln for ln in out.splitlines() if ln.startswith("rrr ")]
-    assert len(commands) == 2 * 1 + 4 * 9 + 3  # compares, trained models' stages, comparators
+    # compares, trained models' stages, comparators, vanilla forgetting once per model (8 distinct)
+    assert len(commands) == 2 * 1 + 5 * 9 + 3 + 8
     assert "# everything: <= " in out and "rrr compare " in out
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from rrr.train_log import TIMING_KEYS
 from rrr.config import UserError, compose
 from rrr.episode import Episode, Segment, collate
 from rrr.grpo import grpo_loss, loss_normaliser, reflection_loss_mask
@@ -298,7 +299,7 @@ def train_config(failures, run, *extra: str):
 def test_trainer_with_and_without_the_shared_prefix_trains_the_same(tmp_path, failures, monkeypatch, finetune, weights):
     import json
 
-    import trainer_fakes
+    from fakes import trainer as trainer_fakes
     from safetensors.torch import load_file
 
     from rrr import trainer
@@ -309,7 +310,7 @@ def test_trainer_with_and_without_the_shared_prefix_trains_the_same(tmp_path, fa
             for shared in (False, True)}
     rows = {k: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for k, r in runs.items()}
     assert any(r["loss"] != 0 and r["grad_norm"] > 0 for r in rows[False])            # a real gradient
-    timing = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s"}
+    timing = TIMING_KEYS
     for off, on in zip(rows[False], rows[True]):
         for key in off.keys() - timing - {k for k in off if k.startswith("update/")}:
             assert on[key] == (off[key] if off[key] is None else pytest.approx(off[key], rel=1e-5, abs=1e-7)), key

@@ -145,3 +145,17 @@ def test_min_detectable_effect_is_z_sum_times_se():
     assert min_detectable_effect(0.02) == pytest.approx(0.0560317, abs=1e-6)
     assert min_detectable_effect(0.02, power=0.9) == pytest.approx(0.02 * (1.959964 + 1.281552), abs=1e-6)
     assert min_detectable_effect(0.02, alpha=0.1) == pytest.approx(0.02 * (1.644854 + 0.841621), abs=1e-6)
+
+
+def test_paired_delta_and_clustered_rate_leave_unscorable_units_out():
+    from rrr.stats import clustered_rate, paired_delta
+
+    a, b = [1.0, 0.5, np.nan, 0.0], [0.0, 0.5, 1.0, np.nan]
+    d = paired_delta(a, b, ["x", "y", "z", "w"], n_boot=200, seed=0)
+    assert (d["delta"], d["n"]) == (0.5, 2)
+    assert d["se"] == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
+    assert d["mde"] == pytest.approx(min_detectable_effect(d["se"]))
+    r = clustered_rate(a, ["x", "x", "z", "w"], n_boot=200, seed=0)
+    assert (r["mean"], r["n"]) == (0.5, 3)
+    assert paired_delta([np.nan], [0.0], ["x"], 10, 0)["n"] == 0
+    assert clustered_rate([np.nan], ["x"], 10, 0)["mean"] is None

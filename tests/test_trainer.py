@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from fakes import trainer as trainer_fakes
+from rrr.train_log import TIMING_KEYS
 from rrr import train_log, trainer
 from rrr.checkpoint import COMPLETE, latest_checkpoint
 from rrr.config import UserError, compose
 
 torch.set_num_threads(1)
-TIMING = {"step_time_s", "gen_tokens_per_s", "peak_rss_gb", "sync/load_s", "mixed_groups_per_gen_s"}
+TIMING = TIMING_KEYS
 
 
 def rollouts(cfg, engine, tokenizer, task=None) -> trainer.Rollouts:

@@ -14,7 +14,15 @@ __all__ = ["Engine", "Sample", "SamplingParams", "build_engine", "build_generato
 def build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     """The engine named by `cfg.engine.name`, sampling from `model` (hf shares the object; vllm loads
     the base weights itself; when `model` carries adapters they are pushed: merged into full weights
-    with lora_sync=merged, the default, or served by vLLM's LoRA support with lora_sync=adapter)."""
+    with lora_sync=merged, the default, or served by vLLM's LoRA support with lora_sync=adapter).
+    A library error on the way is one line naming the engine settings (rrr.errors.library_errors)."""
+    from rrr.errors import library_errors
+
+    with library_errors(f"starting engine={cfg.engine.name}", "engine.* (and model.max_context, model.dtype)"):
+        return _build_engine(cfg, model, tokenizer)
+
+
+def _build_engine(cfg: DictConfig, model, tokenizer) -> Engine:
     from rrr.engines.hf import HFEngine, stop_token_ids
 
     name = cfg.engine.name

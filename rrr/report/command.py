@@ -1,5 +1,6 @@
 """`rrr compare RUN_DIR... [--out DIR]`: the paper-style table from evaluate runs, with bootstrap CIs, and
-the forgetting-check table from `rrr forgetting` runs (rrr/report/forgetting.py), in one report.
+the forgetting-check table from `rrr forgetting` runs (rrr/report/forgetting.py), in one report. A vanilla
+and a trained `rrr failure-eval` run come first: the held-out failure comparison (rrr/report/failures.py).
 
 Every number is recomputed from each run's `results.parquet` (one row per example), so all runs get the
 same CI method and seed. Runs must cover the same task, split and examples: that makes every
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from rrr.config import UserError
-from rrr.report import forgetting
+from rrr.report import failures, forgetting
 from rrr.report.checks import check_comparable, name_runs
 from rrr.report.load import EvalRun, load_run, training_curves
 from rrr.report.markdown import delta_markdown, accuracy_markdown, overview_markdown, prereg_markdown, render_report
@@ -43,8 +44,12 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000, note:
     """Compare evaluate runs and/or forgetting-check runs; write report.md, the CSVs and plots into `out`."""
     if not run_dirs:
         raise UserError("give at least one evaluate or forgetting run directory: rrr compare RUN_DIR [RUN_DIR...]")
+    failure_dirs = [Path(d) for d in run_dirs if failures.is_failure_eval_run(Path(d))]
     forgetting_dirs = [Path(d) for d in run_dirs if forgetting.is_forgetting_run(Path(d))]
-    eval_dirs = [Path(d) for d in run_dirs if not forgetting.is_forgetting_run(Path(d))]
+    eval_dirs = [Path(d) for d in run_dirs if not forgetting.is_forgetting_run(Path(d))
+                 and not failures.is_failure_eval_run(Path(d))]
+    if failure_dirs:
+        failures.pair_runs(failure_dirs)            # refuse a bad set before the output directory exists
     # read and check everything before the output directory exists
     runs = load_evaluations(eval_dirs) if eval_dirs else {}
     forgetting_runs = forgetting.name_runs([forgetting.load_forgetting_run(p) for p in forgetting_dirs])
@@ -52,8 +57,13 @@ def run(run_dirs: list[Path], out: Path | None = None, n_boot: int = 2000, note:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
     RunDir(out, "compare").claim()                  # created, locked (one writer), announced
-    names = list(dict.fromkeys(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *forgetting_runs]))
+    names = list(dict.fromkeys([*map(str, failure_dirs),
+                                *(str(r.path) for r in [*(r for rs in runs.values() for r in rs), *forgetting_runs])]))
     sections = []
+    if failure_dirs:                                # the held-out failure comparison comes first
+        lines = failures.section(failure_dirs, out, n_boot)
+        print("\n".join(lines))
+        sections += ["# Held-out failures (rrr failure-eval)", "", "```", *lines, "```", ""]
     if runs:
         sections.append(compare_evaluations(runs, out, n_boot))
     if forgetting_runs:
