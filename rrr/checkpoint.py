@@ -149,8 +149,8 @@ def _write_rest(tmp: Path, model, tokenizer, optimizer_state, scheduler, step, c
 def record_base_model(model, directory: Path) -> None:
     """An adapter names the base model it belongs to (`rrr_base_model.json`; peft's own
     `base_model_name_or_path` is null or a cache path for embedded and random models), so loading it
-    onto another base model is refused with one line (rrr.models.check_adapter_base)."""
-    from rrr.models import BASE_MODEL_FILE
+    onto another base model is refused with one line (rrr.adapters.check_adapter_base)."""
+    from rrr.adapters import BASE_MODEL_FILE
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     record = getattr(base, "rrr_base_model", None)

@@ -85,10 +85,12 @@ def _shared_masked_logprobs_method(self, *args, **kwargs):
 
 
 def fresh_copy(cfg):
-    """The model of `cfg.model` as loaded before training (the policy's initial weights), eval mode."""
-    from rrr.models import load_model
+    """The model of `cfg.model` as loaded before training (the policy's initial weights, stored and
+    computed in the policy's precision; an adapter in `model.path` merged, as the policy merges it), eval mode."""
+    from rrr.models import merge_adapter
+    from rrr.precision import load_for_training
 
-    return load_model(cfg.model)[0]
+    return merge_adapter(load_for_training(cfg.model, cfg.train.finetune, for_training=False)[0])
 
 
 class GatheredEngine:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from rrr import precision
 from rrr.config import UserError
 
 
@@ -86,6 +87,12 @@ def _masked_logprobs(
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=input_ids.device).expand(input_ids.shape)
     if (temperature[target_mask] <= 0).any():
         raise ValueError("temperature must be > 0 on target tokens (greedy tokens have no log-prob to train)")
+    with precision.autocast(model):  # bf16 compute over fp32 master weights (full fine-tuning); else a no-op
+        return _masked_logprobs_in(model, input_ids, attention_mask, target_mask, chunk_size, temperature)
+
+
+def _masked_logprobs_in(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
+                        chunk_size: int, temperature: Tensor) -> tuple[Tensor, Tensor]:
     backbone, head = backbone_and_head(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
     hidden = backbone(

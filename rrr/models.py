@@ -30,6 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rrr.adapters import base_model_record, check_adapter_base
 from rrr.config import UserError
 
 SOURCE_FILE = "rrr_source.json"      # written into a converted embedded-model directory
@@ -325,6 +326,20 @@ def apply_lora(model, model_cfg: DictConfig | dict):
         return get_peft_model(model, config)
 
 
+def merge_adapter(model):
+    """A model loaded with a LoRA adapter (`model.path` = an adapter) -> its base with the adapter merged
+    in, every weight trainable, in the mode it was in: what `train.finetune=full` trains from an adapter
+    (training only the adapter's few parameters would not be a full fine-tune). Any other model unchanged."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    training = model.training
+    merged = model.merge_and_unload()
+    merged.requires_grad_(training)
+    return merged.train(training)
+
+
 def weights_source(model_cfg: DictConfig | dict) -> tuple[str, str | None]:
     """(directory or hub id, revision) an external engine (vLLM) loads the *base* weights from."""
     cfg = _cfg(model_cfg)
@@ -335,31 +350,6 @@ def weights_source(model_cfg: DictConfig | dict) -> tuple[str, str | None]:
     if cfg.source == "hub":
         return str(cfg.hub_id), str(cfg.revision)
     raise UserError(f"model {cfg.name!r} (source {cfg.source}) has no weights on disk; use engine=hf")
-
-
-# ----------------------------------------------------------------------------- adapters and their base
-
-BASE_MODEL_FILE = "rrr_base_model.json"   # in every adapter rrr saves: the model config it was trained on
-
-
-def base_model_record(cfg: DictConfig) -> dict[str, Any]:
-    return {"name": str(cfg.name), "source": str(cfg.source), "hub_id": cfg.get("hub_id"),
-            "revision": cfg.get("revision")}
-
-
-def check_adapter_base(cfg: DictConfig, path: Path) -> None:
-    """An adapter only fits the base model it was trained on: refuse it on another (by its record)."""
-    record = path / BASE_MODEL_FILE
-    if not record.exists():
-        return                               # a foreign adapter: loading it will tell
-    try:
-        base = json.loads(record.read_text())
-    except (ValueError, OSError):
-        raise UserError(f"{record} is corrupt; restore the checkpoint or re-save the adapter") from None
-    mine = base_model_record(cfg)
-    if base.get("name") != mine["name"] or (base.get("hub_id") or None) != (mine["hub_id"] or None):
-        raise UserError(f"model.path={str(path)!r} is a LoRA adapter for model={base.get('name')}, not "
-                        f"model={mine['name']}; pass model={base.get('name')} model.path={path}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from rrr import precision
 from rrr.config import UserError
 from rrr.episode import Segment
 from rrr.logprobs import _masked_logprobs, backbone_and_head, head_logprobs, masked_logprobs, scatter_to_mask
@@ -217,10 +218,11 @@ def _shared_masked_logprobs(model, input_ids, attention_mask, target_mask, segme
     backbone, head = backbone_and_head(model)
     cpu = [x.cpu() for x in (input_ids, attention_mask, target_mask, segment_ids)]
     ids, positions, attends, index = pack(*cpu[:3], plan_rows(*cpu))
-    hidden = backbone(input_ids=ids.to(device), attention_mask=attention_bias(attends, implementation).to(device),
-                      position_ids=positions.to(device), use_cache=False).last_hidden_state   # [R, L, H]
-    rows = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]                              # [N, H]
-    logp, entropy = head_logprobs(head, rows, input_ids[target_mask], temperature[target_mask], chunk_size)
+    with precision.autocast(model):   # bf16 compute over fp32 master weights (full fine-tuning); else a no-op
+        hidden = backbone(input_ids=ids.to(device), attention_mask=attention_bias(attends, implementation).to(device),
+                          position_ids=positions.to(device), use_cache=False).last_hidden_state   # [R, L, H]
+        rows = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]                              # [N, H]
+        logp, entropy = head_logprobs(head, rows, input_ids[target_mask], temperature[target_mask], chunk_size)
     return scatter_to_mask(logp, target_mask), scatter_to_mask(entropy, target_mask)
 
 

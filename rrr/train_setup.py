@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rrr import distributed as dist
-from rrr import fsdp, shared_prefix
+from rrr import fsdp, shared_prefix, sync
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.tasks import Example
@@ -44,6 +44,7 @@ def validate(cfg: DictConfig) -> None:
     if t.group_size < 2:
         raise UserError("train.group_size must be >= 2: a group of one has no baseline (paper: 8)")
     fsdp.check(cfg)
+    sync.logprob_diff_limit(cfg)                      # a bad engine.max_logprob_diff fails before any work
     if t.is_correction == "token_tis" and not t.is_cap >= 1:
         raise UserError(f"train.is_cap={t.is_cap}: the truncation cap C must be >= 1 (verl, TRL: 2)")
     trained = t.sampling.reflection           # the loss is on reflection tokens: their log-probs must be exact
@@ -67,10 +68,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policy(cfg: DictConfig):
-    from rrr.models import apply_lora, load_model
+    from rrr.models import apply_lora, merge_adapter
+    from rrr.precision import load_for_training
 
     malloc_mmap_threshold(int(cfg.train.malloc_mmap_threshold_mb * 2**20))
-    model, tokenizer = load_model(cfg.model, for_training=True)
+    model, tokenizer = load_for_training(cfg.model, cfg.train.finetune)   # full + bf16: fp32 master weights
+    if cfg.train.finetune == "full":
+        model = merge_adapter(model)                 # model.path = an adapter: train all weights of base + adapter
     if cfg.train.gradient_checkpointing:   # recompute layer activations in backward: memory ∝ 1 layer, not all
         with library_errors(f"gradient checkpointing on model {cfg.model.name}", "train.gradient_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -149,7 +149,7 @@ def run(cfg: DictConfig) -> Path:
             logger(row)
             if step % cfg.log.episodes_every == 0:
                 write_episodes(run_dir, step, queries, groups, rewards, advantages)
-        sync.check_logprob_diff(step, row["sync/logprob_diff"], cfg.engine.get("max_logprob_diff"))
+        sync.check_logprob_diff(step, row["sync/logprob_diff"], sync.logprob_diff_limit(cfg))
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if step % t.save_every == 0:

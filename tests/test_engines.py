@@ -565,3 +565,17 @@ def test_build_engine_vllm_config_keys(fake_vllm, tiny_model, monkeypatch):
                      model, tok)
     with pytest.raises(UserError, match="lora_sync='fast'"):
         build_engine(compose(["model=tiny-random", "engine=vllm", "engine.lora_sync=fast"]), model, tok)
+
+
+def test_the_vllm_extra_admits_the_checked_releases_only():
+    """[vllm] pins the releases whose API rrr/engines/vllm.py was checked against (0.32 run on CPU,
+    0.33 read): not the V0-era releases `vllm>=0.8` let in, nor an unread future one."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (spec,) = [Requirement(r).specifier for r in pyproject["project"]["optional-dependencies"]["vllm"]]
+    assert all(spec.contains(v) for v in ("0.32.0", "0.32.1", "0.33.0"))
+    assert not any(spec.contains(v) for v in ("0.8.5", "0.10.0", "0.31.9", "0.34.0"))

@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from rrr import precision
 from rrr.engines.base import Sample, SamplingParams
 from rrr.engines.lora_merge import merged_lora
 
@@ -188,7 +189,7 @@ class HFEngine:
             raise ValueError(f"seeds must be {len(prompts)} lists of {n} seeds")
         out: list[list[Sample]] = []
         merged = merged_lora(self.model) if self.merge_lora else nullcontext()
-        with eval_mode(self.model), merged, torch.inference_mode():
+        with eval_mode(self.model), merged, torch.inference_mode(), precision.autocast(self.model):   # the trainer's numerics
             for start in range(0, len(prompts), self.batch_size):
                 chunk = slice(start, start + self.batch_size)
                 out += self._generate_chunk(prompts[chunk], n, sampling, seeds[chunk])

@@ -82,6 +82,25 @@ def means(rank: int, world: int, port: int, out: str) -> None:
         distributed.destroy()
 
 
+def train_runs(rank: int, world: int, port: int, runs: list[list[str]]) -> None:
+    """Several `rrr train` runs (overrides each) on the trainer fakes in one process group: one spawn's
+    start-up (~10 s per rank here) serves them all."""
+    import rrr.engines
+    from fakes import trainer as trainer_fakes
+    from rrr import distributed, trainer
+    from rrr.config import compose
+
+    join(rank, world, port)
+    rrr.engines.build_engine = lambda cfg, model, tok: trainer_fakes.RandomStopEngine(tok.convert_tokens_to_ids("<|im_end|>"))
+    trainer.get_task = lambda name: trainer_fakes.ParityTask()
+    trainer.sync.check_logprob_diff = lambda step, diff, limit: None   # the fake's log-probs are no model's
+    try:
+        for overrides in runs:
+            trainer.run(compose(overrides))
+    finally:
+        distributed.destroy()
+
+
 def skip_collective(rank: int, world: int, port: int, out: str) -> None:
     """Rank 1 skips the all-reduce of step 3 (and waits past the timeout); rank 0 waits for it in vain."""
     import time

@@ -4,7 +4,9 @@ truncated and masked out), and Countdown prompts with a parity verifier so group
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -108,3 +110,22 @@ def crash_in_step(monkeypatch, step: int):
 
     monkeypatch.setattr(train_log, "peak_rss_gb", crash)
     return real
+
+
+class ShiftedEngine:
+    """The hf engine sampling from the policy itself, reporting each sampled token's log-prob plus a known
+    offset `shift(i)` (i = the token's index in its sample): a sampler whose log-probs are the model's
+    plus δ. A random tiny model almost never ends a turn, so every third id stops a sample (~3 tokens)."""
+
+    def __init__(self, model, tokenizer, shift: Callable[[int], float]):
+        from rrr.engines.hf import HFEngine
+
+        self.engine = HFEngine(model, tokenizer, stop_ids=list(range(0, len(tokenizer), 3)))
+        self.shift = shift
+
+    def generate(self, prompts, n, sampling, seeds=None):
+        return [[replace(s, logprobs=[lp + self.shift(i) for i, lp in enumerate(s.logprobs)]) for s in row]
+                for row in self.engine.generate(prompts, n, sampling, seeds)]
+
+    def load_weights(self, model):
+        self.engine.load_weights(model)
