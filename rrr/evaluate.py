@@ -37,14 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 from rrr import distributed as dist
 from rrr import preemption
 from rrr.config import UserError
-from rrr.episode import SAMPLED_SEGMENTS, Segment
+from rrr.episode import Segment
 from rrr.leak import reflection_leaks
 from rrr.atomic import atomic_write_json, atomic_write_parquet
 from rrr.engines import build_generator
 from rrr.model_info import model_provenance
 from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import examples_sha256
-from rrr.rollout import sampling_params, throughput
+from rrr.rollout import sampling_from_cfg, throughput
 from rrr.run_dir import RunDir
 from rrr.validate import check as check_settings
 from rrr.eval_summary import format_table, summarize
@@ -57,7 +57,6 @@ COMMAND = "evaluate"
 STEP = 0                     # evaluation seeds use step 0, so every evaluate run draws the same attempt 1
 CONTROLS = ("best_of_2", "retry_no_reflection", "generic_reflection")
 REFLECTION_MODE = {"retry_no_reflection": "none", "generic_reflection": "generic"}
-SEGMENTS = SAMPLED_SEGMENTS
 
 
 # ----------------------------------------------------------------------------- config and provenance
@@ -71,7 +70,7 @@ def controls_of(cfg: DictConfig) -> list[str]:
 
 
 def segment_sampling(cfg: DictConfig) -> dict[str, Any]:
-    return {seg: sampling_params(cfg.eval.sampling[seg]) for seg in SEGMENTS}
+    return sampling_from_cfg(cfg.eval.sampling)
 
 
 def train_run_of(model_path: str | None) -> str | None:

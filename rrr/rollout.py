@@ -65,16 +65,15 @@ def sampling_from_cfg(cfg_node: Mapping) -> dict[str, SamplingParams]:
         if node is None or node.get("max_tokens") is None:
             raise UserError(f"sampling.{segment}.max_tokens is missing; set it, e.g. "
                             f"train.sampling.{segment}.max_tokens=256")
-        out[segment] = SamplingParams(max_tokens=int(node["max_tokens"]),
-                                      temperature=float(node.get("temperature", 1.0)),
-                                      top_p=float(node.get("top_p", 1.0)))
+        out[segment] = sampling_params(node)
     return out
 
 
 def sampling_params(node: Mapping) -> SamplingParams:
-    """One segment's {max_tokens, temperature, top_p} (collect.*, eval.sampling.<segment>) → SamplingParams."""
-    return SamplingParams(max_tokens=int(node.max_tokens), temperature=float(node.temperature),
-                          top_p=float(node.top_p))
+    """The one constructor: a {max_tokens, temperature (default 1), top_p (default 1)} node (collect.*,
+    <group>.sampling.<segment>) → SamplingParams."""
+    return SamplingParams(max_tokens=int(node["max_tokens"]), temperature=float(node.get("temperature", 1.0)),
+                          top_p=float(node.get("top_p", 1.0)))
 
 
 def prompt_ids(tokenizer, task, example: Example, prompts_cfg: Mapping) -> list[int]:
