@@ -245,23 +245,15 @@ def embedded_or_skip(name: str, install: str):
 
 
 @pytest.mark.slow
-def test_qwen_coder_hash_and_load():
-    spec, cfg, (model, tok) = embedded_or_skip("qwen2.5-coder-0.5b", "make models-qwen")
-    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 24
-    assert OmegaConf.create(model_provenance(cfg))["gguf_sha256"] == spec.sha256
-    assert "<tools>" in tok.chat_template and tok.eos_token == "<|im_end|>"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Write 1+1 in Python."}],
-                                     add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    out = HFEngine(model, tok).generate([list(prompt)], 1, SamplingParams(max_tokens=4, temperature=0.0))
-    assert len(out[0][0].token_ids) == 4 or out[0][0].finish_reason == "stop"
-
-
-@pytest.mark.slow
-def test_qwen_coder_15b_hash_load_and_generate():
-    spec, cfg, (model, tok) = embedded_or_skip("qwen2.5-coder-1.5b", "make models-qwen15")
-    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 28
-    assert model.config.hidden_size == 1536
-    assert 1.5e9 < sum(p.numel() for p in model.parameters()) < 1.8e9     # untied output layer: ~1.78B
+@pytest.mark.parametrize("name, install, layers, hidden, n_params", [
+    ("qwen2.5-coder-0.5b", "make models-qwen", 24, 896, (6.0e8, 6.6e8)),       # untied output layer: ~630M
+    ("qwen2.5-coder-1.5b", "make models-qwen15", 28, 1536, (1.5e9, 1.8e9)),    # untied output layer: ~1.78B
+])
+def test_embedded_qwen_coder_hash_load_and_generate(name, install, layers, hidden, n_params):
+    spec, cfg, (model, tok) = embedded_or_skip(name, install)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == layers
+    assert model.config.hidden_size == hidden
+    assert n_params[0] < sum(p.numel() for p in model.parameters()) < n_params[1]
     assert OmegaConf.create(model_provenance(cfg))["gguf_sha256"] == spec.sha256
     assert "<tools>" in tok.chat_template and tok.eos_token == "<|im_end|>"
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write 1+1 in Python."}],
