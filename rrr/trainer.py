@@ -152,13 +152,11 @@ def run(cfg: DictConfig) -> Path:
         sync.check_logprob_diff(step, row["sync/logprob_diff"], sync.logprob_diff_limit(cfg))
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
-        if step % t.save_every == 0:
+        preempted = step < t.steps and preemption.requested_everywhere()    # SIGTERM/SIGUSR1: save, exit 75
+        if step % t.save_every == 0 or preempted:
             save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
             ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)      # train.keep_checkpoints
-        if step < t.steps and preemption.requested_everywhere():             # SIGTERM/SIGUSR1: save, exit 75
-            if step % t.save_every:
-                save(run_dir, f"step_{step:05d}", model, tokenizer, optimizer, scheduler, step, cursor, logger)
-                ckpt.prune_checkpoints(run_dir, t.keep_checkpoints, step)
+        if preempted:
             raise preemption.Preempted(run_dir, f"checkpoint step_{step:05d} written")
     bar.close()
     final = save(run_dir, "final", model, tokenizer, optimizer, scheduler, t.steps, cursor, logger)
