@@ -46,7 +46,7 @@ from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import examples_sha256
 from rrr.rollout import sampling_from_cfg, throughput
 from rrr.run_dir import RunDir
-from rrr.validate import check as check_settings
+from rrr.validate import check as check_settings, check_at_least_one
 from rrr.eval_summary import format_table, summarize
 from rrr.tasks import Example, excluded_ids, get_task
 from rrr.testsets import TestSet
@@ -246,8 +246,7 @@ def run(cfg: DictConfig) -> Path:
 
     t0 = time.time()
     controls = controls_of(cfg)
-    if int(cfg.eval.batch_queries) < 1:
-        raise UserError("eval.batch_queries must be >= 1")
+    check_at_least_one(cfg.eval.batch_queries, "eval.batch_queries")
     check_settings(cfg, COMMAND)
     sets = resolve_test_sets(cfg)
     examples_of = {ts.name: load_examples(ts, cfg) for ts in sets}

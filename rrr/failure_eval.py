@@ -48,7 +48,7 @@ from rrr.stats import clustered_rate as rate
 from rrr.stats import min_detectable_effect, paired_delta
 from rrr.tasks import Example, get_task
 from rrr.validate import check as check_settings
-from rrr.validate import check_limit
+from rrr.validate import check_at_least_one, check_limit
 from rrr.verifiers import VERIFIER_VERSION, Verdict
 
 COMMAND = "failure-eval"
@@ -204,12 +204,9 @@ def validate(cfg: DictConfig) -> Path:
     if not e.get("failures"):
         raise UserError("eval.failures is not set: collect the vanilla model's failures on the test split "
                         "(rrr collect-failures data.split=test ...) and pass eval.failures=<its run dir>")
-    if int(e.reflections_per_failure) < 1:
-        raise UserError("eval.reflections_per_failure must be >= 1 (R retries per failure; default 4)")
-    if int(e.attempts_per_query) < 1:
-        raise UserError("eval.attempts_per_query must be >= 1 (stored failed attempts used per query)")
-    if int(e.batch_queries) < 1:
-        raise UserError("eval.batch_queries must be >= 1")
+    check_at_least_one(e.reflections_per_failure, "eval.reflections_per_failure", "R retries per failure; default 4")
+    check_at_least_one(e.attempts_per_query, "eval.attempts_per_query", "stored failed attempts used per query")
+    check_at_least_one(e.batch_queries, "eval.batch_queries")
     check_limit(e.failures_limit, "eval.failures_limit")
     check_settings(cfg, "evaluate")               # eval.sampling.*, eval.bootstrap_samples
     return Path(e.failures)

@@ -30,7 +30,7 @@ from rrr.parts import chunks, done_ids, read_parts, write_part
 from rrr.provenance import data_sha256, examples_sha256
 from rrr.rollout import sampling_params, throughput
 from rrr.run_dir import RunDir, read_manifest
-from rrr.validate import check as check_settings
+from rrr.validate import check as check_settings, check_at_least_one
 from rrr.tasks import Example, excluded_ids, get_task
 from rrr.verifiers import VERIFIER_VERSION
 
@@ -122,12 +122,9 @@ def collect_chunk(engine: Any, tokenizer: Any, task: Any, examples: Sequence[Exa
 
 def validate(cfg: DictConfig) -> None:
     c = cfg.collect
-    if int(c.samples_per_query) < 1:
-        raise UserError("collect.samples_per_query must be >= 1 (paper: up to 64)")
-    if int(c.keep_attempts) < 1:
-        raise UserError("collect.keep_attempts must be >= 1 (the trainer needs a failed attempt per query)")
-    if int(c.batch_queries) < 1:
-        raise UserError("collect.batch_queries must be >= 1")
+    check_at_least_one(c.samples_per_query, "collect.samples_per_query", "paper: up to 64")
+    check_at_least_one(c.keep_attempts, "collect.keep_attempts", "the trainer needs a failed attempt per query")
+    check_at_least_one(c.batch_queries, "collect.batch_queries")
 
 
 def run(cfg: DictConfig) -> Path:

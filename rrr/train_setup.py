@@ -20,7 +20,7 @@ from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.tasks import Example
 from rrr.errors import library_errors
-from rrr.validate import check as check_settings, check_logger
+from rrr.validate import check as check_settings, check_at_least_one, check_logger
 
 COMMAND = "train"
 
@@ -31,8 +31,7 @@ def validate(cfg: DictConfig) -> None:
     check_logger(cfg)
     # types and choices: Hydra refused bad ones while composing (rrr/config_schema.py); ranges here
     for key in ("steps", "batch_queries", "group_size", "micro_batch_size", "save_every"):
-        if t[key] < 1:
-            raise UserError(f"train.{key} must be >= 1")
+        check_at_least_one(t[key], f"train.{key}")
     if not t.malloc_mmap_threshold_mb >= 0:
         raise UserError(f"train.malloc_mmap_threshold_mb={t.malloc_mmap_threshold_mb!r}: a size in MB >= 0 (0 = glibc's default)")
     if t.zero_std == "dynamic" and t.max_draws < 1:

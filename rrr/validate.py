@@ -35,6 +35,12 @@ def check_sampling(node: Any, where: str) -> None:
         raise ConfigError(f"{where}.max_tokens={m} must be an integer >= 1")
 
 
+def check_at_least_one(value: Any, where: str, why: str = "") -> None:
+    """A count setting (batch sizes, samples, retries) must be >= 1; `why` is added in parentheses."""
+    if int(value) < 1:
+        raise UserError(f"{where} must be >= 1" + (f" ({why})" if why else ""))
+
+
 def check_limit(value: Any, where: str) -> None:
     if value is not None and (_num(value, where) < 0 or int(value) != float(value)):
         raise ConfigError(f"{where}={value} must be null (all examples) or an integer >= 0")

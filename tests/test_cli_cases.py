@@ -84,6 +84,9 @@ def corrupt(path: Path, how: str) -> None:
     ([*COLLECT, "collect.max_tokens=0"], "collect.max_tokens=0 must be an integer >= 1"),
     ([*COLLECT, "collect.top_p=1.5"], "collect.top_p=1.5 must be in (0, 1]"),
     ([*COLLECT, "data.limit=-2"], "data.limit=-2 must be null"),
+    ([*COLLECT, "collect.samples_per_query=0"], "collect.samples_per_query must be >= 1 (paper: up to 64)"),
+    ([*COLLECT, "collect.keep_attempts=0"], "collect.keep_attempts must be >= 1 (the trainer needs"),
+    ([*EVAL, "eval.batch_queries=0"], "eval.batch_queries must be >= 1"),
     ([*COLLECT, "task.generated.num_numbers=[8]"], "at most 5 numbers"),
     ([*COLLECT, "task.generated.value_max=-3", "task.generated.value_min=-9"], "must lie in [0,"),
 ])
@@ -94,6 +97,7 @@ def test_impossible_settings_are_refused_before_any_work(tmp_path, args, needle)
 
 @pytest.mark.parametrize("extra, needle", [
     (["train.lr=-1"], "train.lr=-1.0 must be > 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),
     (["train.sampling.reflection.temperature=-1"], "train.sampling.reflection.temperature=-1.0 must be >= 0"),
     (["train.sampling.attempt1.max_tokens=0"], "must be an integer >= 1"),
     (["train.leak=maybe"], "train.leak='maybe'; valid choices: keep, no_reward"),
