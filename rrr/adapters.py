@@ -33,3 +33,8 @@ def check_adapter_base(cfg: DictConfig, path: Path) -> None:
     if base.get("name") != mine["name"] or (base.get("hub_id") or None) != (mine["hub_id"] or None):
         raise UserError(f"model.path={str(path)!r} is a LoRA adapter for model={base.get('name')}, not "
                         f"model={mine['name']}; pass model={base.get('name')} model.path={path}")
+
+
+def is_adapter(model_cfg: DictConfig) -> bool:
+    """`model.path` is a peft adapter (a LoRA checkpoint) rather than a full model directory."""
+    return bool(model_cfg.get("path")) and (Path(model_cfg.path) / "adapter_config.json").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ from rrr import fsdp, shared_prefix, sync
 from rrr.config import UserError
 from rrr.episode import SAMPLED_SEGMENTS, Segment
 from rrr.tasks import Example
+from rrr.adapters import is_adapter
 from rrr.errors import library_errors
 from rrr.validate import check as check_settings, check_at_least_one, check_logger
 
@@ -138,7 +138,7 @@ def build_reference(cfg: DictConfig, model) -> Callable[..., torch.Tensor] | Non
 
 
 def starts_from_adapter(cfg: DictConfig) -> bool:
-    return bool(cfg.model.get("path")) and (Path(cfg.model.path) / "adapter_config.json").exists()
+    return is_adapter(cfg.model)
 
 
 def build_optimizer(cfg: DictConfig, model):

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from rrr.adapters import is_adapter
 from rrr.config import ConfigError, UserError
 from rrr.episode import SAMPLED_SEGMENTS as SAMPLED
 
@@ -97,7 +98,7 @@ def check_model(cfg: DictConfig, command: str) -> None:
     check_device(m)
     context = check_context(m, arch)
     check_budgets(cfg, command, context)
-    if command == "train" and cfg.train.get("finetune") == "lora" and not _adapter_path(m):
+    if command == "train" and cfg.train.get("finetune") == "lora" and not is_adapter(m):
         check_lora(m, arch)
     if cfg.engine.name == "vllm":
         check_vllm(cfg, arch)
@@ -229,12 +230,6 @@ def _select(cfg: DictConfig, key: str) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.select(cfg, key)
-
-
-def _adapter_path(m: DictConfig) -> bool:
-    from pathlib import Path
-
-    return bool(m.get("path")) and (Path(m.path) / "adapter_config.json").exists()
 
 
 def _num(value: Any, where: str) -> float:
