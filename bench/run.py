@@ -9,6 +9,7 @@ bench/results/<date>-<task>-<model>[-<engine>][-<tag>].json and prints markdown 
                         [queries=2 group=4 steps=4 rounds=2 …] [sides=rrr_hf,rrr_hf_unshared,trl_r3]
                         [once=trl_r3_full] [parts=verifiers,throughput,equal_work,trl_plain,rollout,memory]
                         [vllm_python=PATH]   # a python with vllm + rrr's deps (engine=vllm rows)
+    python -m bench.run table=A.json,B.json     # one equal-work table (and the targets) from saved results
 
 Per task, unset keys take the task's defaults (`TASKS`): Countdown on SmolLM2-135M with 64-token budgets;
 function calling on Qwen2.5-Coder-0.5B with the demo's prompts and 96-token budgets (experiment=demo),
@@ -36,7 +37,7 @@ PARTS = "verifiers,throughput,equal_work,trl_plain,rollout,memory"
 RUN_DEFAULTS = {**DEFAULTS, "task": "both", "model": "", "queries": 2, "reflection_tokens": 64, "retry_tokens": 64,
                 "attempt1_tokens": 64, "collect_queries": 0, "samples": 2, "rounds": 2, "sides": "", "once": "",
                 "threads": 1, "parts": "", "vllm_python": "", "min_free_gb": 6.0, "verifier_cases": 5000,
-                "memory_tokens": 512, "memory_episodes": 8, "results": "bench/results", "tag": ""}
+                "memory_tokens": 512, "memory_episodes": 8, "results": "bench/results", "tag": "", "table": ""}
 TASKS = {   # a task's defaults, under the keys given on the command line
     "countdown": {"model": "smollm2-135m", "experiment": "", "reflection_tokens": 64, "retry_tokens": 64,
                   "attempt1_tokens": 64, "collect_queries": 2, "samples": 2, "parts": PARTS, "once": "trl_r3_full"},
@@ -62,6 +63,9 @@ SIDES = {
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parsed = parse_args(argv, defaults=RUN_DEFAULTS)
+    if parsed["table"]:
+        print(saved_table(parsed["table"].split(",")))
+        return
     tasks = list(TASKS) if parsed["task"] == "both" else [parsed["task"]]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -71,6 +75,23 @@ def main(argv: list[str] | None = None) -> None:
     if len(all_results) > 1:
         print("\n## Equal work, both tasks (seconds per train step; ×TRL-R3 = TRL-R3 s/step ÷ the row's)\n")
         print(equal_work.table([row for r in all_results for row in equal_work_rows(r)]))
+
+
+def saved_table(paths: list[str]) -> str:
+    """The equal-work table over saved results files (tasks run separately), then each file's targets."""
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: table: cannot read {path}: {e}") from None
+    lines = [equal_work.table([row for r in results for row in equal_work_rows(r)])]
+    for r in results:
+        lines += ["", f"Targets, {r['args']['task']} ({r['args']['model']}):", "", "| target | measured | met |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {_f(value, 2)} | {'–' if value is None else ('yes' if goal(value) else 'no')} |"
+                  for name, value, goal in targets(r) if value is not None]
+    return "\n".join(lines)
 
 
 def task_args(parsed: dict, given: set[str], task: str) -> dict:

@@ -352,3 +352,21 @@ def test_vllm_cpu_env_binds_as_many_cores_as_threads_from_the_allowed_set(monkey
     assert run.vllm_cpu_env(2) == {"VLLM_CPU_OMP_THREADS_BIND": "1,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     assert run.vllm_cpu_env(2) == {}
+
+
+def test_table_of_saved_results_joins_tasks_run_separately_and_refuses_a_missing_file(tmp_path, capsys):
+    paths = []
+    for task, rrr_s in (("countdown", 5.0), ("function_calling", 2.5)):
+        s = equal_work.summarize({"rrr_hf": [fake_result([9.0, rrr_s, rrr_s])],
+                                  "trl_r3": [fake_result([9.0, 10.0, 10.0])]})
+        results = {"args": {**run.task_args(run.RUN_DEFAULTS, set(), task)}, "parts": {},
+                   "equal_work": {"summary": s, "sides": {k: {"label": run.SIDES[k][2]} for k in s}}}
+        paths.append(tmp_path / f"{task}.json")
+        paths[-1].write_text(json.dumps(results))
+    run.main([f"table={paths[0]},{paths[1]}"])
+    out = capsys.readouterr().out
+    assert "| countdown | rrr train, engine=hf | 5.0 |" in out and "| function_calling | rrr train, engine=hf | 2.5 |" in out
+    assert "| rrr train (hf) ÷ TRL-R3, per step at equal work ≥ 2 | 2.00 | yes |" in out
+    assert "| rrr train (hf) ÷ TRL-R3, per step at equal work ≥ 3 | 4.00 | yes |" in out
+    with pytest.raises(SystemExit, match="cannot read"):
+        run.main([f"table={tmp_path / 'missing.json'}"])
