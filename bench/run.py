@@ -10,6 +10,8 @@ bench/results/<date>-<task>-<model>[-<engine>][-<tag>].json and prints markdown 
                         [once=trl_r3_full] [parts=verifiers,throughput,equal_work,trl_plain,rollout,memory]
                         [vllm_python=PATH]   # a python with vllm + rrr's deps (engine=vllm rows)
     python -m bench.run table=A.json,B.json     # one equal-work table (and the targets) from saved results
+    python -m bench.run … resume=A.json         # go on from a run that stopped: reuse A's failure set and
+                                                # the finished side runs of the same workload
 
 Per task, unset keys take the task's defaults (`TASKS`): Countdown on SmolLM2-135M with 64-token budgets;
 function calling on Qwen2.5-Coder-0.5B with the demo's prompts and 96-token budgets (experiment=demo),
@@ -37,13 +39,13 @@ PARTS = "verifiers,throughput,equal_work,trl_plain,rollout,memory"
 RUN_DEFAULTS = {**DEFAULTS, "task": "both", "model": "", "queries": 2, "reflection_tokens": 64, "retry_tokens": 64,
                 "attempt1_tokens": 64, "collect_queries": 0, "samples": 2, "rounds": 2, "sides": "", "once": "",
                 "threads": 1, "parts": "", "vllm_python": "", "min_free_gb": 6.0, "verifier_cases": 5000,
-                "memory_tokens": 512, "memory_episodes": 8, "results": "bench/results", "tag": "", "table": ""}
+                "memory_tokens": 512, "memory_episodes": 8, "results": "bench/results", "tag": "", "table": "", "resume": ""}
 TASKS = {   # a task's defaults, under the keys given on the command line
     "countdown": {"model": "smollm2-135m", "experiment": "", "reflection_tokens": 64, "retry_tokens": 64,
                   "attempt1_tokens": 64, "collect_queries": 2, "samples": 2, "parts": PARTS, "once": "trl_r3_full"},
     "function_calling": {"model": "qwen2.5-coder-0.5b", "experiment": "demo", "reflection_tokens": 96,
                          "retry_tokens": 96, "attempt1_tokens": 96, "collect_queries": 16, "samples": 4,
-                         "parts": "throughput,equal_work", "once": ""},
+                         "parts": "throughput,equal_work", "once": "", "vllm_cpu_memory": 0.3},
 }
 SHARED = [k for k in DEFAULTS if k not in ("engine", "failures")]
 # side -> (worker module, its arguments, label)
@@ -111,6 +113,9 @@ def run_task(a: dict) -> dict:
     py = sys.executable
     results: dict = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                      "args": a, "machine": machine(), "parts": {}, "notes": []}
+    earlier = load_earlier(a["resume"], a["task"]) if a["resume"] else None
+    if earlier:
+        results["resumed_from"] = {"path": a["resume"], "started": earlier.get("started")}
 
     def record(name, value):
         results["parts"][name] = value
@@ -120,7 +125,11 @@ def run_task(a: dict) -> dict:
         record("verifiers", worker(py, "bench.verifiers", ["--n", str(a["verifier_cases"])]))
     failures = a["failures"]
     needs_failures = any(x in parts for x in ("equal_work", "trl_plain", "rollout"))
-    if "throughput" in parts or (needs_failures and not failures):
+    if earlier and "throughput" in earlier["parts"] and not failures:
+        record("throughput", earlier["parts"]["throughput"])
+        failures = earlier["parts"]["throughput"]["failures"]
+        results["notes"].append(f"resumed from {a['resume']}: its failure set and throughput part reused")
+    elif "throughput" in parts or (needs_failures and not failures):
         out = worker(py, "bench.throughput", [*shared, "engine=hf", f"samples={a['samples']}",
                                               f"collect_queries={a['collect_queries']}"])
         record("throughput", out)
@@ -131,7 +140,7 @@ def run_task(a: dict) -> dict:
     ctx = [*shared, f"failures={failures}"]
     vllm_py = vllm_python(a, py, results["notes"])
     if "equal_work" in parts:
-        run_equal_work(a, ctx, py, vllm_py, results, lambda: save(a, results, started))
+        run_equal_work(a, ctx, py, vllm_py, results, lambda: save(a, results, started), earlier)
     if "trl_plain" in parts:
         wait_for_memory(a["min_free_gb"])
         record("trl_plain", worker(py, "bench.trl_grpo", [*ctx, "engine=hf", "mode=plain"]))
@@ -198,13 +207,47 @@ def side_args(side: str, a: dict, ctx: list[str]) -> list[str]:
     return args
 
 
-def run_equal_work(a: dict, ctx: list[str], py: str, vllm_py: str | None, results: dict, save_now) -> None:
+def load_earlier(path: str, task: str) -> dict:
+    """The results of an earlier `bench.run` of this task, to go on from (`resume=`)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: resume: cannot read {path}: {e}") from None
+    if earlier.get("args", {}).get("task") != task:
+        raise SystemExit(f"error: resume: {path} holds task {earlier.get('args', {}).get('task')!r}, not {task!r}")
+    return earlier
+
+
+def reusable_runs(earlier: dict | None, a: dict) -> dict[tuple[str, int], dict]:
+    """(side, round) -> a finished run of `earlier` with this run's workload (equal_work.WORKLOAD_KEYS)."""
+    if not earlier:
+        return {}
+    done = {}
+    for side, block in (earlier.get("equal_work") or {}).get("sides", {}).items():
+        for run in block["runs"]:
+            if all(run["args"].get(k) == a.get(k) for k in equal_work.WORKLOAD_KEYS):
+                done.setdefault((side, run["round"]), run)
+    return done
+
+
+def run_equal_work(a: dict, ctx: list[str], py: str, vllm_py: str | None, results: dict, save_now,
+                   earlier: dict | None = None) -> None:
     sides, once = sides_of(a, vllm_py, results["notes"])
     block = results["equal_work"] = {"order": [[r, s] for r, s in equal_work.schedule(sides, a["rounds"])]
                                      + [[0, s] for s in once], "sides": {}}
+    failures = [x.split("=", 1)[1] for x in ctx if x.startswith("failures=")][-1]
+    done = reusable_runs(earlier, {**a, "failures": failures})
+    if done:
+        results["notes"].append("resumed: reused the finished runs " + ", ".join(
+            f"{side} (round {r})" for side, r in done if [r, side] in block["order"]))
 
     def run_side(side: str, r: int) -> dict:
         module, _, label = SIDES[side]
+        if (side, r) in done:
+            out = done[(side, r)]
+            block["sides"].setdefault(side, {"label": label, "runs": []})["runs"].append(out)
+            save_now()
+            return out
         if module == "bench.trl_grpo":
             wait_for_memory(a["min_free_gb"])
         vllm = side == "rrr_vllm"

@@ -342,6 +342,8 @@ def test_rrr_overrides_vllm_cpu_defaults_extra_args_and_that_given_keys_win(monk
     vllm = compose(common.rrr_overrides(dict(common.DEFAULTS, engine="vllm", vllm_args="engine.enforce_eager=true")))
     assert vllm.engine.enforce_eager is True and vllm.engine.gpu_memory_utilization == 0.1   # vllm_args win
     assert compose(common.rrr_overrides(dict(common.DEFAULTS, engine="vllm"))).engine.enforce_eager is False
+    fc = run.task_args(run.RUN_DEFAULTS, set(), "function_calling")      # Qwen 0.5B fp32 needs more than 0.1
+    assert compose(common.rrr_overrides({**fc, "engine": "vllm"})).engine.gpu_memory_utilization == 0.3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert common.vllm_cpu_overrides(dict(common.DEFAULTS, engine="vllm")) == []
 
@@ -370,3 +372,41 @@ def test_table_of_saved_results_joins_tasks_run_separately_and_refuses_a_missing
     assert "| rrr train (hf) ÷ TRL-R3, per step at equal work ≥ 3 | 4.00 | yes |" in out
     with pytest.raises(SystemExit, match="cannot read"):
         run.main([f"table={tmp_path / 'missing.json'}"])
+
+
+THROUGHPUT = {"collect": {"samples_per_s": 1.0, "samples": 4}, "evaluate": {"examples_per_s": 1.0, "examples": 2}}
+
+
+def test_resume_reuses_the_failure_set_and_finished_runs_of_the_same_workload(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_worker(py, module, args, threads=1):
+        calls.append((module, args))
+        if module == "bench.throughput":
+            return {"failures": "fresh"}
+        workload = {k: a[k] for k in ("model", "task", "experiment", "reflection_tokens", "retry_tokens")}
+        return fake_result([9.0, 10.0, 10.0], side=module, **workload,
+                           failures=dict(x.split("=", 1) for x in args)["failures"])
+
+    monkeypatch.setattr(run, "worker", fake_worker)
+    monkeypatch.setattr(run, "shared_prefix_key_exists", lambda: True)
+    monkeypatch.setattr(run, "machine", lambda: {})
+    monkeypatch.setattr("bench.workload.trim_failures", lambda src, dst, n: dst)
+    a = {**run.task_args(run.RUN_DEFAULTS, set(), "function_calling"), "results": str(tmp_path), "tag": "t"}
+    ran = {**fake_result([9.0, 4.0, 4.0], failures="old-first2"), "round": 0}
+    other = {**fake_result([9.0, 4.0, 4.0], failures="old-first2", seed=7), "round": 1}   # not this workload
+    for k in ("model", "task", "experiment", "reflection_tokens", "retry_tokens"):     # the same workload
+        ran["args"][k] = other["args"][k] = a[k]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"args": {"task": "function_calling"}, "started": "then",
+                                   "parts": {"throughput": {"failures": "old", **THROUGHPUT}},
+                                   "equal_work": {"sides": {"rrr_hf": {"runs": [ran, other]}}}}))
+    results = run.run_task({**a, "resume": str(earlier)})
+    modules = [m for m, _ in calls]
+    assert "bench.throughput" not in modules                        # the failure set is reused, not collected
+    assert modules.count("bench.rrr_train") == 3                    # rrr_hf round 1 + rrr_hf_unshared × 2
+    assert results["equal_work"]["summary"]["rrr_hf"]["run_step_s"] == [4.0, 10.0]
+    assert results["resumed_from"]["path"] == str(earlier) and "rrr_hf (round 0)" in " ".join(results["notes"])
+    (tmp_path / "countdown.json").write_text(json.dumps({"args": {"task": "countdown"}}))
+    with pytest.raises(SystemExit, match="holds task 'countdown'"):
+        run.run_task({**a, "resume": str(tmp_path / "countdown.json")})
